@@ -1,0 +1,62 @@
+# tch-serve: `make run` sets everything up and serves the default model on :8000;
+# `make test` sets everything up and runs the whole test suite. Both are idempotent.
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MODEL ?= resnet18
+MODEL_DIR ?= models/$(MODEL)
+PORT ?= 8000
+TEST_DATA := target/test-data
+# tch builds against the libtorch inside the venv's torch wheel.
+CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
+
+.PHONY: run setup venv model test-data build test test-rust test-containers lint bench clean
+
+## Set up, build and run the server on the default model (port $(PORT)).
+run: build model
+	target/release/tch-serve serve --model-dir $(MODEL_DIR) --port $(PORT)
+
+## Everything `run` and `test` need: the venv with torch, the model, the test photos.
+setup: venv model test-data
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	touch $@
+
+model: $(MODEL_DIR)/model.pt
+$(MODEL_DIR)/model.pt: models/export.py | $(VENV)/.installed
+	$(PY) models/export.py --arch $(MODEL) --out $(MODEL_DIR) --force
+
+test-data: $(TEST_DATA)/reference.json
+$(TEST_DATA)/reference.json: tests/python/reference.py $(MODEL_DIR)/model.pt
+	$(PY) tests/python/reference.py --model-dir $(MODEL_DIR) --out $(TEST_DATA)
+
+build: venv
+	$(CARGO) build --release --locked
+
+## The whole suite: formatting, unit and integration tests (real model, real sockets),
+## then the container tests (real Docker engine, real Prometheus).
+test: test-rust test-containers
+
+test-rust: setup
+	cargo fmt --check
+	TCH_SERVE_TEST_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) TCH_SERVE_TEST_DATA=$(CURDIR)/$(TEST_DATA) \
+		$(CARGO) test --release --locked -- --nocapture 2>&1 | tee target/test-rust.log; \
+		exit $${PIPESTATUS[0]}
+	@grep -h -E '^(PARITY|STARTUP):' target/test-rust.log || true
+
+test-containers: build setup
+	scripts/container-test.sh
+
+lint: venv
+	cargo fmt --check
+	$(CARGO) clippy --release --locked --all-targets -- -D warnings
+
+clean:
+	rm -rf target $(VENV) $(MODEL_DIR)

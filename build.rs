@@ -1,0 +1,44 @@
+//! Link-time settings for libtorch.
+//!
+//! torch-sys names `torch_cuda` on the link line when the libtorch it builds against has CUDA,
+//! but the linker's `--as-needed` drops it again because no symbol of it is referenced: CUDA
+//! would then be silently unavailable at run time. Force it in with `--no-as-needed`, and record
+//! an rpath to libtorch so development builds run without LD_LIBRARY_PATH.
+
+use std::path::Path;
+
+fn main() {
+    println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
+    let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
+        return;
+    };
+    let lib = Path::new(&lib);
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux") {
+        if lib.join("libtorch_cuda.so").exists() {
+            println!("cargo:rustc-link-arg=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
+            println!("cargo:rustc-cfg=tch_serve_cuda");
+        }
+        println!("cargo:rustc-link-arg=-Wl,-rpath,{}", lib.display());
+    }
+    println!("cargo:rustc-check-cfg=cfg(tch_serve_cuda)");
+    // The version of the libtorch being linked, for the build-info metric.
+    let version = lib
+        .parent()
+        .map(|torch| torch.join("version.py"))
+        .and_then(|p| std::fs::read_to_string(p).ok())
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("__version__"))
+                .and_then(|l| l.split('\'').nth(1))
+                .map(|v| v.split('+').next().unwrap_or(v).to_string())
+        })
+        .or_else(|| {
+            lib.parent()
+                .map(|root| root.join("build-version"))
+                .and_then(|p| std::fs::read_to_string(p).ok())
+                .map(|v| v.trim().split('+').next().unwrap_or("").to_string())
+        });
+    if let Some(v) = version {
+        println!("cargo:rustc-env=TCH_SERVE_LIBTORCH_VERSION={v}");
+    }
+}

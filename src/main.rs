@@ -1,0 +1,48 @@
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Parser;
+use tch_serve::config::{Cli, Command};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("http")
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("tch-serve: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match cli.command {
+        Some(Command::Healthcheck(args)) => {
+            let ok = runtime.block_on(tch_serve::healthcheck(
+                args.port,
+                Duration::from_secs(args.timeout_secs),
+            ));
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        command => {
+            let config = match command {
+                Some(Command::Serve(config)) => config,
+                _ => cli.serve,
+            };
+            tch_serve::telemetry::init_tracing(config.log_format);
+            match runtime.block_on(tch_serve::run(config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "tch-serve failed");
+                    eprintln!("tch-serve: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

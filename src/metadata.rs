@@ -1,0 +1,132 @@
+//! The model directory's `metadata.json`, as written by `models/export.py`.
+
+use std::path::Path;
+
+use anyhow::{Context, bail};
+use serde::{Deserialize, Serialize};
+
+fn default_resize() -> u32 {
+    256
+}
+fn default_input() -> u32 {
+    224
+}
+fn default_mean() -> [f32; 3] {
+    [0.485, 0.456, 0.406]
+}
+fn default_std() -> [f32; 3] {
+    [0.229, 0.224, 0.225]
+}
+fn default_file() -> String {
+    "model.pt".into()
+}
+fn default_trained() -> bool {
+    true
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    /// Name reported by /predict, /health and the build-info metric.
+    pub name: String,
+    /// TorchScript file, relative to the model directory.
+    #[serde(default = "default_file")]
+    pub file: String,
+    /// Side of the square input the network takes (CenterCrop size).
+    #[serde(default = "default_input")]
+    pub input_size: u32,
+    /// Shorter-side length the image is resized to before the crop.
+    #[serde(default = "default_resize")]
+    pub resize_size: u32,
+    #[serde(default = "default_mean")]
+    pub mean: [f32; 3],
+    #[serde(default = "default_std")]
+    pub std: [f32; 3],
+    /// Class names, index = output position.
+    pub labels: Vec<String>,
+    /// False for a randomly initialised network: its predictions are meaningless.
+    #[serde(default = "default_trained")]
+    pub trained: bool,
+    /// Where the weights came from.
+    #[serde(default)]
+    pub weights: Option<String>,
+}
+
+impl ModelMetadata {
+    pub fn load(dir: &Path) -> anyhow::Result<Self> {
+        let path = dir.join("metadata.json");
+        let text = std::fs::read_to_string(&path).with_context(|| {
+            format!(
+                "reading {} (export a model with `python models/export.py --out {}`)",
+                path.display(),
+                dir.display()
+            )
+        })?;
+        let meta: Self =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        meta.validate()
+            .with_context(|| format!("checking {}", path.display()))?;
+        Ok(meta)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        if self.labels.is_empty() {
+            bail!("`labels` is empty");
+        }
+        if self.input_size == 0 || self.input_size > 4096 {
+            bail!("`input_size` {} is out of range 1..=4096", self.input_size);
+        }
+        if self.resize_size < self.input_size || self.resize_size > 8192 {
+            bail!(
+                "`resize_size` {} must be between `input_size` ({}) and 8192",
+                self.resize_size,
+                self.input_size
+            );
+        }
+        if self.std.iter().any(|s| !s.is_finite() || *s <= 0.0) {
+            bail!("`std` must be positive");
+        }
+        if self.mean.iter().any(|m| !m.is_finite()) {
+            bail!("`mean` must be finite");
+        }
+        Ok(())
+    }
+
+    pub fn model_path(&self, dir: &Path) -> std::path::PathBuf {
+        dir.join(&self.file)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn minimal_metadata_gets_imagenet_defaults() {
+        let m: ModelMetadata = serde_json::from_str(r#"{"name":"x","labels":["a","b"]}"#).unwrap();
+        assert_eq!(
+            (m.resize_size, m.input_size, m.file.as_str()),
+            (256, 224, "model.pt")
+        );
+        assert!(m.trained);
+        m.validate().unwrap();
+    }
+
+    #[test]
+    fn rejects_inconsistent_geometry() {
+        let m: ModelMetadata = serde_json::from_str(
+            r#"{"name":"x","labels":["a"],"input_size":224,"resize_size":200}"#,
+        )
+        .unwrap();
+        assert!(
+            m.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("resize_size")
+        );
+        let m: ModelMetadata = serde_json::from_str(r#"{"name":"x","labels":[]}"#).unwrap();
+        assert!(m.validate().is_err());
+        let m: ModelMetadata =
+            serde_json::from_str(r#"{"name":"x","labels":["a"],"std":[1,0,1]}"#).unwrap();
+        assert!(m.validate().is_err());
+    }
+}

@@ -1,0 +1,421 @@
+//! Image bytes to the model's input: decode, resize the shorter side (antialiased bilinear),
+//! center-crop, scale to [0, 1] and normalise, exactly as torchvision's
+//! `Resize(resize) -> CenterCrop(crop) -> ToTensor() -> Normalize(mean, std)` does on a PIL image.
+//!
+//! Pure functions with no I/O and no libtorch: the output is a plain `Vec<f32>` in HWC order
+//! (the natural order of decoded pixels), which the model turns into NCHW or channels-last.
+
+use std::io::Cursor;
+
+use fast_image_resize::images::{Image, ImageRef};
+use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+
+use crate::error::ApiError;
+use crate::metadata::ModelMetadata;
+
+/// The formats the server decodes; anything else is refused with 415.
+pub const SUPPORTED_FORMATS: [ImageFormat; 5] = [
+    ImageFormat::Jpeg,
+    ImageFormat::Png,
+    ImageFormat::WebP,
+    ImageFormat::Bmp,
+    ImageFormat::Gif,
+];
+
+/// Geometry and normalisation of a model's input.
+#[derive(Debug, Clone)]
+pub struct Preprocessor {
+    pub resize_size: u32,
+    pub crop_size: u32,
+    pub max_pixels: u64,
+    /// `lut[c][v]` = (v / 255 - mean[c]) / std[c], computed in f32 as torchvision does.
+    lut: [[f32; 256]; 3],
+}
+
+/// A preprocessed image: `crop_size * crop_size * 3` floats in HWC order.
+#[derive(Debug, Clone)]
+pub struct Preprocessed {
+    pub data: Vec<f32>,
+    pub width: u32,
+    pub height: u32,
+    pub format: &'static str,
+}
+
+impl Preprocessor {
+    pub fn new(
+        resize_size: u32,
+        crop_size: u32,
+        mean: [f32; 3],
+        std: [f32; 3],
+        max_pixels: u64,
+    ) -> Self {
+        let mut lut = [[0f32; 256]; 3];
+        for c in 0..3 {
+            for v in 0..256 {
+                lut[c][v] = (v as f32 / 255.0 - mean[c]) / std[c];
+            }
+        }
+        Self {
+            resize_size,
+            crop_size,
+            max_pixels,
+            lut,
+        }
+    }
+
+    pub fn for_model(meta: &ModelMetadata, max_pixels: u64) -> Self {
+        Self::new(
+            meta.resize_size,
+            meta.input_size,
+            meta.mean,
+            meta.std,
+            max_pixels,
+        )
+    }
+
+    /// Bytes of an encoded image to normalised HWC floats.
+    pub fn run(&self, bytes: &[u8]) -> Result<Preprocessed, ApiError> {
+        let (rgb, format) = decode_rgb(bytes, self.max_pixels)?;
+        let (width, height) = rgb.dimensions();
+        let data = self.from_rgb(rgb.as_raw(), width, height)?;
+        Ok(Preprocessed {
+            data,
+            width,
+            height,
+            format,
+        })
+    }
+
+    /// Interleaved RGB8 pixels to normalised HWC floats.
+    pub fn from_rgb(&self, rgb: &[u8], width: u32, height: u32) -> Result<Vec<f32>, ApiError> {
+        let crop = self.crop_size;
+        let (new_w, new_h) = resized_size(width, height, self.resize_size);
+        let left = center_crop_offset(new_w, crop);
+        let top = center_crop_offset(new_h, crop);
+        // Resizing only the window that the center crop keeps gives the same pixels as resizing
+        // the whole image and cropping afterwards: each output pixel maps to the same source
+        // position with the same filter scale, and the filter is clipped at the image's edges,
+        // not the window's.
+        let sx = width as f64 / new_w as f64;
+        let sy = height as f64 / new_h as f64;
+        let src = ImageRef::new(width, height, rgb, PixelType::U8x3)
+            .map_err(|e| ApiError::UndecodableImage(e.to_string()))?;
+        let mut dst = Image::new(crop, crop, PixelType::U8x3);
+        let options = ResizeOptions::new()
+            .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
+            .crop(
+                left as f64 * sx,
+                top as f64 * sy,
+                crop as f64 * sx,
+                crop as f64 * sy,
+            );
+        Resizer::new()
+            .resize(&src, &mut dst, &options)
+            .map_err(|e| ApiError::UndecodableImage(e.to_string()))?;
+        Ok(self.normalize(dst.buffer()))
+    }
+
+    fn normalize(&self, pixels: &[u8]) -> Vec<f32> {
+        let mut out = Vec::with_capacity(pixels.len());
+        for px in pixels.chunks_exact(3) {
+            out.push(self.lut[0][px[0] as usize]);
+            out.push(self.lut[1][px[1] as usize]);
+            out.push(self.lut[2][px[2] as usize]);
+        }
+        out
+    }
+}
+
+/// Sniffs the format from the magic bytes, checks the declared dimensions against `max_pixels`
+/// before any pixel is decoded, then decodes (the first frame of a GIF) and converts to RGB8
+/// (grayscale is replicated, alpha dropped, 16-bit scaled), as PIL's `convert("RGB")` does.
+pub fn decode_rgb(
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<(image::RgbImage, &'static str), ApiError> {
+    if bytes.is_empty() {
+        return Err(ApiError::MissingFile);
+    }
+    let format = sniff_format(bytes)?;
+    let (width, height) = reader(bytes, format, Limits::default())
+        .into_dimensions()
+        .map_err(|e| ApiError::UndecodableImage(e.to_string()))?;
+    if width == 0 || height == 0 {
+        return Err(ApiError::UndecodableImage("image has no pixels".into()));
+    }
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(ApiError::ImageTooLarge {
+            width,
+            height,
+            limit: max_pixels,
+        });
+    }
+    // The decoder's own allocation cap: the RGBA16 worst case of the declared size, plus slack.
+    let mut limits = Limits::default();
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    limits.max_alloc = Some(u64::from(width) * u64::from(height) * 8 + (16 << 20));
+    let decoded = reader(bytes, format, limits)
+        .decode()
+        .map_err(|e| ApiError::UndecodableImage(e.to_string()))?;
+    let rgb = match decoded {
+        DynamicImage::ImageRgb8(rgb) => rgb,
+        other => other.to_rgb8(),
+    };
+    Ok((rgb, format_name(format)))
+}
+
+fn reader(bytes: &[u8], format: ImageFormat, limits: Limits) -> ImageReader<Cursor<&[u8]>> {
+    let mut r = ImageReader::with_format(Cursor::new(bytes), format);
+    r.limits(limits);
+    r
+}
+
+/// The image format named by the content's magic bytes (never by a client's Content-Type).
+pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, ApiError> {
+    match image::guess_format(bytes) {
+        Ok(f) if SUPPORTED_FORMATS.contains(&f) => Ok(f),
+        Ok(f) => Err(ApiError::UnsupportedMediaType(format!(
+            "{} images are not supported; send JPEG, PNG, WebP, BMP or GIF",
+            f.extensions_str().first().unwrap_or(&"this kind of")
+        ))),
+        Err(_) => Err(ApiError::UnsupportedMediaType(
+            "not a recognised image (JPEG, PNG, WebP, BMP or GIF)".into(),
+        )),
+    }
+}
+
+fn format_name(f: ImageFormat) -> &'static str {
+    match f {
+        ImageFormat::Jpeg => "jpeg",
+        ImageFormat::Png => "png",
+        ImageFormat::WebP => "webp",
+        ImageFormat::Bmp => "bmp",
+        ImageFormat::Gif => "gif",
+        _ => "other",
+    }
+}
+
+/// torchvision's `Resize(size)` with one int: the shorter side becomes `size`, the longer one
+/// keeps the aspect ratio, truncated (`int(size * long / short)`).
+pub fn resized_size(width: u32, height: u32, size: u32) -> (u32, u32) {
+    let (short, long) = if width <= height {
+        (width, height)
+    } else {
+        (height, width)
+    };
+    let new_long = (u64::from(size) * u64::from(long) / u64::from(short)) as u32;
+    if width <= height {
+        (size, new_long)
+    } else {
+        (new_long, size)
+    }
+}
+
+/// torchvision's `CenterCrop` offset: `int(round((len - crop) / 2.0))`, Python's round
+/// halves to even.
+pub fn center_crop_offset(len: u32, crop: u32) -> u32 {
+    let d = len.saturating_sub(crop);
+    let half = d / 2;
+    if d % 2 == 1 && half % 2 == 1 {
+        half + 1
+    } else {
+        half
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use image::{ImageBuffer, Rgb, Rgba};
+
+    const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+    const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+    fn pre() -> Preprocessor {
+        Preprocessor::new(256, 224, MEAN, STD, 50_000_000)
+    }
+
+    fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
+        let mut out = Cursor::new(Vec::new());
+        img.write_to(&mut out, format).unwrap();
+        out.into_inner()
+    }
+
+    fn gradient(w: u32, h: u32) -> DynamicImage {
+        DynamicImage::ImageRgb8(ImageBuffer::from_fn(w, h, |x, y| {
+            Rgb([
+                (x * 255 / w) as u8,
+                (y * 255 / h) as u8,
+                ((x + y) % 256) as u8,
+            ])
+        }))
+    }
+
+    #[test]
+    fn resize_keeps_aspect_and_truncates() {
+        assert_eq!(resized_size(640, 480, 256), (341, 256));
+        assert_eq!(resized_size(480, 640, 256), (256, 341));
+        assert_eq!(resized_size(300, 451, 256), (256, 384)); // 384.85 truncated
+        assert_eq!(resized_size(100, 100, 256), (256, 256));
+        assert_eq!(resized_size(1, 10_000, 256), (256, 2_560_000));
+    }
+
+    #[test]
+    fn center_crop_rounds_half_to_even() {
+        // Python: int(round((341 - 224) / 2.0)) == int(round(58.5)) == 58
+        assert_eq!(center_crop_offset(341, 224), 58);
+        // int(round(59.5)) == 60
+        assert_eq!(center_crop_offset(343, 224), 60);
+        assert_eq!(center_crop_offset(256, 224), 16);
+        assert_eq!(center_crop_offset(224, 224), 0);
+    }
+
+    #[test]
+    fn window_resize_equals_full_resize_then_crop() {
+        let p = pre();
+        for (w, h) in [(640, 480), (333, 517), (224, 224), (1000, 300), (257, 256)] {
+            let img = gradient(w, h).to_rgb8();
+            let fast = p.from_rgb(img.as_raw(), w, h).unwrap();
+            // Reference: resize the whole image, then crop.
+            let (nw, nh) = resized_size(w, h, 256);
+            let src = ImageRef::new(w, h, img.as_raw(), PixelType::U8x3).unwrap();
+            let mut full = Image::new(nw, nh, PixelType::U8x3);
+            Resizer::new()
+                .resize(
+                    &src,
+                    &mut full,
+                    &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Bilinear)),
+                )
+                .unwrap();
+            let (l, t) = (center_crop_offset(nw, 224), center_crop_offset(nh, 224));
+            let mut cropped = Vec::new();
+            for y in t..t + 224 {
+                let row = (y * nw + l) as usize * 3;
+                cropped.extend_from_slice(&full.buffer()[row..row + 224 * 3]);
+            }
+            let reference = p.normalize(&cropped);
+            let step = 1.0 / 255.0 / 0.224 + 1e-6;
+            let worst = fast
+                .iter()
+                .zip(&reference)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst <= step, "{w}x{h}: differs by {worst}");
+        }
+    }
+
+    #[test]
+    fn normalises_with_mean_and_std() {
+        let p = pre();
+        let white =
+            DynamicImage::ImageRgb8(ImageBuffer::from_pixel(300, 300, Rgb([255, 255, 255])));
+        let out = p.run(&encode(&white, ImageFormat::Png)).unwrap();
+        assert_eq!(out.data.len(), 224 * 224 * 3);
+        for c in 0..3 {
+            let expect = (1.0 - MEAN[c]) / STD[c];
+            assert!((out.data[c] - expect).abs() < 1e-6);
+            assert!((out.data[out.data.len() - 3 + c] - expect).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn decodes_every_supported_format() {
+        let img = gradient(320, 240);
+        for (format, name) in [
+            (ImageFormat::Png, "png"),
+            (ImageFormat::Jpeg, "jpeg"),
+            (ImageFormat::WebP, "webp"),
+            (ImageFormat::Bmp, "bmp"),
+            (ImageFormat::Gif, "gif"),
+        ] {
+            let bytes = encode(
+                &DynamicImage::ImageRgba8(img.to_rgba8()).into_rgb8().into(),
+                format,
+            );
+            let out = pre().run(&bytes).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert_eq!((out.width, out.height, out.format), (320, 240, name));
+        }
+    }
+
+    #[test]
+    fn grayscale_and_alpha_become_rgb() {
+        let gray = DynamicImage::ImageLuma8(ImageBuffer::from_pixel(50, 40, image::Luma([100u8])));
+        let (rgb, _) = decode_rgb(&encode(&gray, ImageFormat::Png), 1 << 30).unwrap();
+        assert_eq!(rgb.get_pixel(3, 3), &Rgb([100, 100, 100]));
+        // PIL's convert("RGB") drops alpha without compositing.
+        let rgba =
+            DynamicImage::ImageRgba8(ImageBuffer::from_pixel(50, 40, Rgba([10u8, 20, 30, 0])));
+        let (rgb, _) = decode_rgb(&encode(&rgba, ImageFormat::Png), 1 << 30).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0), &Rgb([10, 20, 30]));
+        let gray16 =
+            DynamicImage::ImageLuma16(ImageBuffer::from_pixel(8, 8, image::Luma([65535u16])));
+        let (rgb, _) = decode_rgb(&encode(&gray16, ImageFormat::Png), 1 << 30).unwrap();
+        assert_eq!(rgb.get_pixel(0, 0), &Rgb([255, 255, 255]));
+    }
+
+    #[test]
+    fn rejects_bad_input_with_the_right_error() {
+        let p = pre();
+        assert!(matches!(p.run(b""), Err(ApiError::MissingFile)));
+        assert!(matches!(
+            p.run(b"hello world, not an image"),
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
+        // A TIFF header: a real format, but not one we serve.
+        assert!(matches!(
+            p.run(b"II*\0\x08\0\0\0"),
+            Err(ApiError::UnsupportedMediaType(_))
+        ));
+        let png = encode(&gradient(64, 64), ImageFormat::Png);
+        assert!(matches!(
+            p.run(&png[..png.len() / 2]),
+            Err(ApiError::UndecodableImage(_))
+        ));
+        assert!(matches!(
+            p.run(&png[..20]),
+            Err(ApiError::UndecodableImage(_))
+        ));
+        let jpeg = encode(&gradient(64, 64), ImageFormat::Jpeg);
+        // A JPEG cut right after its headers has no scan data.
+        assert!(p.run(&jpeg[..jpeg.len() / 3]).is_err());
+    }
+
+    #[test]
+    fn declared_dimensions_are_checked_before_decoding() {
+        let small = Preprocessor::new(256, 224, MEAN, STD, 100 * 100);
+        let img = encode(&gradient(101, 100), ImageFormat::Png);
+        match small.run(&img) {
+            Err(ApiError::ImageTooLarge { width, height, .. }) => {
+                assert_eq!((width, height), (101, 100))
+            }
+            other => panic!("expected ImageTooLarge, got {other:?}"),
+        }
+        // A PNG header declaring 100000 x 100000 pixels with no data behind it: refused from
+        // the header alone.
+        let mut bomb = encode(&gradient(1, 1), ImageFormat::Png);
+        bomb[16..20].copy_from_slice(&100_000u32.to_be_bytes());
+        bomb[20..24].copy_from_slice(&100_000u32.to_be_bytes());
+        let crc = crc32fast::hash(&bomb[12..29]);
+        bomb[29..33].copy_from_slice(&crc.to_be_bytes());
+        match pre().run(&bomb) {
+            Err(ApiError::ImageTooLarge { width, height, .. }) => {
+                assert_eq!((width, height), (100_000, 100_000))
+            }
+            other => panic!("expected ImageTooLarge, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn tiny_images_are_upscaled() {
+        let out = pre()
+            .run(&encode(&gradient(1, 1), ImageFormat::Png))
+            .unwrap();
+        assert_eq!(out.data.len(), 224 * 224 * 3);
+        let out = pre()
+            .run(&encode(&gradient(3, 500), ImageFormat::Png))
+            .unwrap();
+        assert_eq!(out.data.len(), 224 * 224 * 3);
+    }
+}

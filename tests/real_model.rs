@@ -1,0 +1,288 @@
+//! The real TorchScript model exported by `models/export.py` (the setup step does it), against
+//! the Python reference answers written by `tests/python/reference.py`.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use tch_serve::config::{MemoryFormat, Precision};
+use tch_serve::metadata::ModelMetadata;
+use tch_serve::model::{Classifier, TorchClassifier};
+use tch_serve::preprocess::Preprocessor;
+
+struct Reference {
+    file: String,
+    logits: Vec<f32>,
+    top5: Vec<usize>,
+}
+
+fn references() -> Vec<Reference> {
+    let path = test_data_dir().join("reference.json");
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; run `make test-data` (the test command does)",
+            path.display()
+        )
+    });
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| Reference {
+            file: r["file"].as_str().unwrap().to_owned(),
+            logits: r["logits"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect(),
+            top5: r["top5"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_u64().unwrap() as usize)
+                .collect(),
+        })
+        .collect()
+}
+
+fn load(precision: Precision) -> (TorchClassifier, ModelMetadata) {
+    let dir = model_dir();
+    let meta =
+        ModelMetadata::load(&dir).expect("the setup step exports models/resnet18 (`make model`)");
+    let _guard = tch::no_grad_guard();
+    let model = TorchClassifier::load(&dir, &meta, tch::Device::Cpu, precision, MemoryFormat::Auto)
+        .unwrap();
+    (model, meta)
+}
+
+fn logits_from_probs(probs: &[f32]) -> Vec<f32> {
+    // log-softmax is logits minus a constant; compare centred values.
+    let logs: Vec<f32> = probs
+        .iter()
+        .map(|p| p.max(f32::MIN_POSITIVE).ln())
+        .collect();
+    let mean = logs.iter().sum::<f32>() / logs.len() as f32;
+    logs.iter().map(|l| l - mean).collect()
+}
+
+fn centred(v: &[f32]) -> Vec<f32> {
+    let mean = v.iter().sum::<f32>() / v.len() as f32;
+    v.iter().map(|x| x - mean).collect()
+}
+
+fn top5(probs: &[f32]) -> Vec<usize> {
+    let mut idx: Vec<usize> = (0..probs.len()).collect();
+    idx.sort_by(|a, b| probs[*b].total_cmp(&probs[*a]));
+    idx.truncate(5);
+    idx
+}
+
+/// Rust decode + resize + normalise + libtorch forward against PIL + torchvision + the same
+/// model in Python, on real photos. Tolerances: lossless files (PNG, WebP lossless, BMP, GIF)
+/// decode to identical pixels, so only resize rounding (at most 1 level of 255 per channel)
+/// and float summation order remain: centred logits within 0.02. JPEG decoders (libjpeg-turbo
+/// in PIL, zune-jpeg here) may differ by a level here and there: within 0.05.
+#[test]
+fn parity_with_torchvision_on_real_photos() {
+    let (mut model, meta) = load(Precision::Fp32);
+    let pre = Preprocessor::for_model(&meta, 100_000_000);
+    let refs = references();
+    assert!(refs.len() >= 20, "expected at least 20 reference photos");
+    let mut worst_lossless = 0f32;
+    let mut worst_jpeg = 0f32;
+    let mut top5_same = 0;
+    let mut top1_same = 0;
+    for r in &refs {
+        let bytes = std::fs::read(test_data_dir().join(&r.file)).unwrap();
+        let input = pre.run(&bytes).unwrap();
+        let probs = model.forward(&input.data, 1).unwrap();
+        let ours = logits_from_probs(&probs);
+        let theirs = centred(&r.logits);
+        let diff = ours
+            .iter()
+            .zip(&theirs)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        let ours_top5 = top5(&probs);
+        let jpeg = r.file.ends_with(".jpg");
+        if jpeg {
+            worst_jpeg = worst_jpeg.max(diff);
+        } else {
+            worst_lossless = worst_lossless.max(diff);
+        }
+        if ours_top5 == r.top5 {
+            top5_same += 1;
+        }
+        if ours_top5[0] == r.top5[0] {
+            top1_same += 1;
+        }
+        println!(
+            "{:32} max|dlogit| {diff:.5}  top5 {:?} vs {:?}",
+            r.file, ours_top5, r.top5
+        );
+        assert!(
+            diff < if jpeg { 0.05 } else { 0.02 },
+            "{}: logits differ by {diff}",
+            r.file
+        );
+    }
+    println!(
+        "PARITY: {} photos; largest logit difference {worst_lossless:.5} (lossless), {worst_jpeg:.5} (JPEG); top-1 agrees on {top1_same}/{n}, top-5 (same order) on {top5_same}/{n}",
+        refs.len(),
+        n = refs.len()
+    );
+    assert_eq!(top1_same, refs.len(), "top-1 must agree on every photo");
+    assert!(
+        top5_same + 1 >= refs.len(),
+        "top-5 must agree on all photos but at most one near-tie"
+    );
+}
+
+/// The model's answer for a batch equals its answers for each image alone (batching does not
+/// mix images up), and bf16 agrees with fp32 on the top-1 class.
+#[test]
+fn batched_forward_matches_single_and_bf16_agrees() {
+    let (mut model, meta) = load(Precision::Fp32);
+    let pre = Preprocessor::for_model(&meta, 100_000_000);
+    let refs = references();
+    let inputs: Vec<Vec<f32>> = refs
+        .iter()
+        .take(6)
+        .map(|r| {
+            pre.run(&std::fs::read(test_data_dir().join(&r.file)).unwrap())
+                .unwrap()
+                .data
+        })
+        .collect();
+    let singles: Vec<Vec<f32>> = inputs
+        .iter()
+        .map(|x| model.forward(x, 1).unwrap())
+        .collect();
+    let batch: Vec<f32> = inputs.concat();
+    let batched = model.forward(&batch, inputs.len()).unwrap();
+    let classes = model.num_classes();
+    for (i, single) in singles.iter().enumerate() {
+        let b = &batched[i * classes..(i + 1) * classes];
+        let diff = single
+            .iter()
+            .zip(b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-4,
+            "image {i}: batched and single probabilities differ by {diff}"
+        );
+        assert_eq!(top5(single), top5(b));
+    }
+    let (mut bf16, _) = load(Precision::Bf16);
+    let mut agree = 0;
+    for (x, single) in inputs.iter().zip(&singles) {
+        let p = bf16.forward(x, 1).unwrap();
+        if top5(&p)[0] == top5(single)[0] {
+            agree += 1;
+        }
+    }
+    assert!(
+        agree + 1 >= inputs.len(),
+        "bf16 top-1 agreed on only {agree}/{}",
+        inputs.len()
+    );
+}
+
+/// Concurrent clients over a real socket with the real model: each gets its own photo's answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_photos_each_get_their_own_answer() {
+    let dir = model_dir();
+    let meta = ModelMetadata::load(&dir).unwrap();
+    let cfg = config(&[
+        "--max-batch-size",
+        "8",
+        "--max-batch-delay-ms",
+        "10",
+        "--warmup-iterations",
+        "1",
+        "--model-dir",
+        dir.to_str().unwrap(),
+    ]);
+    let factory = tch_serve::torch_factory(&cfg, &dir, &meta, tch::Device::Cpu);
+    let mut server = tch_serve::start(cfg, &meta, "cpu".into(), factory).unwrap();
+    server.wait_ready().await.unwrap();
+    let photos: Vec<Vec<u8>> = references()
+        .iter()
+        .map(|r| std::fs::read(test_data_dir().join(&r.file)).unwrap())
+        .collect();
+    let mut solo = Vec::new();
+    for p in &photos {
+        let (resp, body) = send(
+            &server,
+            predict_raw("/predict", "application/octet-stream", p.clone()),
+        )
+        .await;
+        assert_eq!(resp.status(), 200, "{body}");
+        solo.push(ranking(&body["results"][0]));
+    }
+    // The photos must be told apart by their answers, or a mix-up could not be seen.
+    let bases: Vec<String> = references()
+        .iter()
+        .map(|r| r.file.split(['.', '_']).next().unwrap().to_owned())
+        .collect();
+    for i in 0..solo.len() {
+        for j in 0..i {
+            let same = solo[i]
+                .iter()
+                .zip(&solo[j])
+                .all(|(a, b)| a.0 == b.0 && (a.1 - b.1).abs() < 1e-4);
+            let dup = bases[i] == bases[j];
+            assert!(!same || dup, "photos {i} and {j} have the same answer");
+        }
+    }
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(listener, async move {
+        let _ = stop_rx.await;
+    }));
+    let client = reqwest::Client::new();
+    let mut tasks = Vec::new();
+    for round in 0..2 {
+        for (i, p) in photos.iter().enumerate() {
+            let (client, p) = (client.clone(), p.clone());
+            tasks.push(tokio::spawn(async move {
+                let resp = client
+                    .post(format!("http://{addr}/predict?round={round}"))
+                    .body(p)
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(resp.status(), 200);
+                let body: serde_json::Value = resp.json().await.unwrap();
+                (i, body)
+            }));
+        }
+    }
+    let mut max_batch = 0;
+    for t in tasks {
+        let (i, body) = t.await.unwrap();
+        let got = ranking(&body["results"][0]);
+        let want = &solo[i];
+        assert_eq!(
+            got.iter().map(|p| p.0).collect::<Vec<_>>(),
+            want.iter().map(|p| p.0).collect::<Vec<_>>(),
+            "photo {i}"
+        );
+        for (g, w) in got.iter().zip(want) {
+            assert!((g.1 - w.1).abs() < 1e-5, "photo {i}: {g:?} vs {w:?}");
+        }
+        max_batch = max_batch.max(body["results"][0]["batch_size"].as_u64().unwrap());
+    }
+    assert!(max_batch > 1, "concurrent requests were never batched");
+    stop_tx.send(()).unwrap();
+    tokio::time::timeout(Duration::from_secs(30), serving)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
