@@ -54,6 +54,12 @@ test-rust: setup
 test-containers: build setup
 	scripts/container-test.sh
 
+## Benchmark: raw forward pass, tch-serve and the FastAPI peer, side by side (BENCHMARKS.md).
+bench: build setup
+	$(PY) -m pip install --quiet -r bench/requirements.txt
+	$(CARGO) build --release --locked --example forward
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(BENCH_ARGS)
+
 lint: venv
 	cargo fmt --check
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
