@@ -96,6 +96,10 @@ pub struct ServeConfig {
     /// Images admitted at once (being decoded, queued or in inference); beyond it requests get 503.
     #[arg(long, env = "TCH_SERVE_QUEUE_CAPACITY", default_value_t = 64)]
     pub queue_capacity: usize,
+    /// Request bodies being received at once; beyond it requests get 503. With --max-body-bytes it
+    /// bounds the memory that uploads can take.
+    #[arg(long, env = "TCH_SERVE_MAX_PENDING_UPLOADS", default_value_t = 64)]
+    pub max_pending_uploads: usize,
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "TCH_SERVE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -156,6 +160,9 @@ impl ServeConfig {
                 "--queue-capacity ({}) must be at least --max-images-per-request ({}), or no request of that size could ever be admitted",
                 self.queue_capacity, self.max_images_per_request
             ));
+        }
+        if self.max_pending_uploads == 0 {
+            return Err("--max-pending-uploads must be at least 1".into());
         }
         if self.max_images_per_request == 0 {
             return Err("--max-images-per-request must be at least 1".into());

@@ -40,6 +40,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub pool: rayon::ThreadPool,
     admission: Arc<Semaphore>,
+    uploads: Arc<Semaphore>,
     phase: AtomicU8,
 }
 
@@ -60,6 +61,7 @@ impl AppState {
         metrics.queue_capacity.set(config.queue_capacity as i64);
         Ok(Self {
             admission: Arc::new(Semaphore::new(config.queue_capacity)),
+            uploads: Arc::new(Semaphore::new(config.max_pending_uploads)),
             config,
             model,
             preprocessor,
@@ -95,6 +97,16 @@ impl AppState {
         self.phase
             .store(Phase::ShuttingDown as u8, Ordering::Release);
         self.metrics.ready.set(0);
+    }
+
+    /// A place to receive one request body, or a refusal at once: bounds upload memory.
+    pub fn begin_upload(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.uploads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::Overloaded {
+                capacity: self.config.queue_capacity,
+            })
     }
 
     /// Admits `images` images or refuses at once: the bounded queue of the whole pipeline.

@@ -436,6 +436,48 @@ async fn full_queue_is_refused_fast_with_retry_after() {
 }
 
 #[tokio::test]
+async fn uploads_in_progress_are_bounded() {
+    let server = fake_server(&["--max-pending-uploads", "1"], Duration::ZERO).await;
+    // A body that never finishes holds the only upload place.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    tx.send(Ok(png(1)[..10].to_vec())).await.unwrap();
+    let body = Body::from_stream(tokio_stream_from(rx));
+    let router = server.router();
+    let stuck = tokio::spawn(async move {
+        use tower::ServiceExt;
+        router
+            .oneshot(
+                Request::post("/predict")
+                    .header("content-type", "image/png")
+                    .body(body)
+                    .unwrap(),
+            )
+            .await
+            .unwrap()
+            .status()
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!stuck.is_finished(), "{:?}", stuck.await);
+    let (resp, body) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
+    assert_error(&resp, &body, 503, "overloaded");
+    // The client goes away: its place is freed.
+    drop(tx);
+    assert_eq!(
+        stuck.await.unwrap(),
+        422,
+        "a body cut short is an undecodable image"
+    );
+    let (resp, _) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
+    assert_eq!(resp.status(), 200);
+}
+
+fn tokio_stream_from(
+    mut rx: tokio::sync::mpsc::Receiver<Result<Vec<u8>, std::io::Error>>,
+) -> impl futures_core::Stream<Item = Result<Vec<u8>, std::io::Error>> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test]
 async fn slow_inference_hits_the_request_timeout() {
     let server = fake_server(
         &["--request-timeout-ms", "150", "--warmup-iterations", "0"],

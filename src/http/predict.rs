@@ -120,6 +120,8 @@ async fn classify(
     k: usize,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
+    // A place to receive the body, then places for its images: both refused at once when full.
+    let receiving = state.begin_upload()?;
     let uploads = read_uploads(
         request,
         state.config.max_body_bytes,
@@ -127,6 +129,7 @@ async fn classify(
     )
     .await?;
     let _admission = state.admit(uploads.len())?;
+    drop(receiving);
 
     // Decode and resize off the async runtime, all images of the request in parallel.
     let pre_start = Instant::now();
