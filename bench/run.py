@@ -109,7 +109,7 @@ def stop(proc: subprocess.Popen):
 
 def start_tch(port: int, *args: str) -> tuple[subprocess.Popen, float]:
     cmd = [BIN, "serve", "--host", "127.0.0.1", "--port", str(port), "--model-dir",
-           os.path.join(ROOT, "models/resnet18"), *args]
+           os.path.join(ROOT, "models/resnet18"), "--max-top-k", "1000", *args]
     env = dict(os.environ, RUST_LOG="warn")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, wait_healthy(port, proc)

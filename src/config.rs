@@ -94,7 +94,7 @@ pub struct ServeConfig {
     #[arg(long, env = "TCH_SERVE_MAX_BATCH_DELAY_MS", default_value_t = 2)]
     pub max_batch_delay_ms: u64,
     /// Images admitted at once (being decoded, queued or in inference); beyond it requests get 503.
-    #[arg(long, env = "TCH_SERVE_QUEUE_CAPACITY", default_value_t = 64)]
+    #[arg(long, env = "TCH_SERVE_QUEUE_CAPACITY", default_value_t = 32)]
     pub queue_capacity: usize,
     /// Request bodies being received at once; beyond it requests get 503. With --max-body-bytes it
     /// bounds the memory that uploads can take.

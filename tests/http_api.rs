@@ -336,7 +336,7 @@ async fn metrics_expose_every_stage() {
         "tch_serve_batch_size_count",
         "tch_serve_queue_depth 0",
         "tch_serve_inflight_images 0",
-        "tch_serve_queue_capacity 64",
+        "tch_serve_queue_capacity 32",
         "tch_serve_model_load_seconds",
         "tch_serve_images_total 1",
         "tch_serve_build_info{device=\"cpu\"",
