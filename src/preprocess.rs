@@ -74,8 +74,18 @@ impl Preprocessor {
         )
     }
 
-    /// Bytes of an encoded image to normalised HWC floats.
+    /// Bytes of an encoded image to normalised HWC floats. Never panics: a decoder that panics
+    /// on hostile input (it happens) gives an `undecodable_image` error instead.
     pub fn run(&self, bytes: &[u8]) -> Result<Preprocessed, ApiError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_unguarded(bytes)))
+            .unwrap_or_else(|_| {
+                Err(ApiError::UndecodableImage(
+                    "the decoder failed on this image".into(),
+                ))
+            })
+    }
+
+    fn run_unguarded(&self, bytes: &[u8]) -> Result<Preprocessed, ApiError> {
         let (rgb, format) = decode_rgb(bytes, self.max_pixels)?;
         let (width, height) = rgb.dimensions();
         let data = self.from_rgb(rgb.as_raw(), width, height)?;
@@ -144,6 +154,12 @@ pub fn decode_rgb(
     if width == 0 || height == 0 {
         return Err(ApiError::UndecodableImage("image has no pixels".into()));
     }
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills a truncated scan with grey; PIL refuses such files, and so do we.
+        return Err(ApiError::UndecodableImage(
+            "truncated JPEG: no end-of-image marker after the last scan".into(),
+        ));
+    }
     if u64::from(width) * u64::from(height) > max_pixels {
         return Err(ApiError::ImageTooLarge {
             width,
@@ -164,6 +180,15 @@ pub fn decode_rgb(
         other => other.to_rgb8(),
     };
     Ok((rgb, format_name(format)))
+}
+
+/// A JPEG is complete when an end-of-image marker (FF D9) follows its last start-of-scan
+/// (FF DA). Inside entropy-coded data every FF byte is stuffed with 00, so these two byte pairs
+/// only appear as markers (an EXIF thumbnail's markers come before the main image's scans).
+pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
+    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
+    let last_eoi = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
+    matches!((last_sos, last_eoi), (Some(s), Some(e)) if e > s)
 }
 
 fn reader(bytes: &[u8], format: ImageFormat, limits: Limits) -> ImageReader<Cursor<&[u8]>> {
@@ -378,8 +403,18 @@ mod tests {
             Err(ApiError::UndecodableImage(_))
         ));
         let jpeg = encode(&gradient(64, 64), ImageFormat::Jpeg);
-        // A JPEG cut right after its headers has no scan data.
-        assert!(p.run(&jpeg[..jpeg.len() / 3]).is_err());
+        assert!(jpeg_is_complete(&jpeg));
+        for cut in [jpeg.len() / 3, jpeg.len() / 2, jpeg.len() - 1] {
+            assert!(!jpeg_is_complete(&jpeg[..cut]));
+            assert!(
+                matches!(p.run(&jpeg[..cut]), Err(ApiError::UndecodableImage(_))),
+                "cut at {cut}"
+            );
+        }
+        // Trailing bytes after the end-of-image marker are tolerated, as decoders do.
+        let mut trailer = jpeg.clone();
+        trailer.extend_from_slice(b"camera trailer");
+        assert!(p.run(&trailer).is_ok());
     }
 
     #[test]

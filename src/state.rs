@@ -56,6 +56,8 @@ impl AppState {
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(preprocess_threads.max(1))
             .thread_name(|i| format!("preprocess-{i}"))
+            // A panic in a job must never abort the process (rayon's default).
+            .panic_handler(|_| tracing::error!("a preprocessing job panicked"))
             .build()
             .map_err(std::io::Error::other)?;
         metrics.queue_capacity.set(config.queue_capacity as i64);

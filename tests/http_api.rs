@@ -493,7 +493,14 @@ async fn slow_inference_hits_the_request_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_clients_each_get_their_own_answer() {
     let server = fake_server(
-        &["--max-batch-size", "8", "--max-batch-delay-ms", "20"],
+        &[
+            "--max-batch-size",
+            "8",
+            "--max-batch-delay-ms",
+            "20",
+            "--queue-capacity",
+            "64",
+        ],
         Duration::from_millis(5),
     )
     .await;
@@ -606,6 +613,19 @@ async fn graceful_shutdown_drains_in_flight_requests() {
     assert_eq!(health.status(), 503);
     let body: serde_json::Value = health.json().await.unwrap();
     assert_eq!(body["status"], "shutting_down");
+    // Until the listener closes (--shutdown-delay-secs), requests are still served.
+    let late = client
+        .post(format!("http://{addr}/predict"))
+        .header("content-type", "image/png")
+        .body(png(4))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        late.status(),
+        200,
+        "a request during the shutdown delay must be served"
+    );
     assert_eq!(
         in_flight.await.unwrap(),
         200,

@@ -204,6 +204,8 @@ async fn concurrent_photos_each_get_their_own_answer() {
         "10",
         "--warmup-iterations",
         "1",
+        "--queue-capacity",
+        "64",
         "--model-dir",
         dir.to_str().unwrap(),
     ]);

@@ -94,11 +94,10 @@ pub async fn predict(
     request: Request,
 ) -> Result<Response, ApiError> {
     let arrived = Instant::now();
-    if state.phase() != Phase::Ready {
-        return Err(ApiError::Unavailable(match state.phase() {
-            Phase::ShuttingDown => "shutting down".into(),
-            _ => "the model is still loading".into(),
-        }));
+    // While shutting down the server keeps answering: /health already says 503 so load
+    // balancers stop sending, and whatever still arrives before the listener closes is served.
+    if state.phase() == Phase::Starting {
+        return Err(ApiError::Unavailable("the model is still loading".into()));
     }
     let top_k = parse_top_k(
         request.uri().query(),
