@@ -13,7 +13,7 @@ TEST_DATA := target/test-data
 # tch builds against the libtorch inside the venv's torch wheel.
 CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
 
-.PHONY: run setup venv model test-data build test test-rust test-containers lint bench clean
+.PHONY: run setup venv model test-data build test test-rust test-k8s test-containers test-reliability lint bench clean
 
 ## Set up, build and run the server on the default model (port $(PORT)).
 run: build model
@@ -41,8 +41,9 @@ build: venv
 	$(CARGO) build --release --locked
 
 ## The whole suite: formatting, unit and integration tests (real model, real sockets),
-## then the container tests (real Docker engine, real Prometheus).
-test: test-rust test-containers
+## Kubernetes manifests against real schemas, the container tests (real Docker engine, real
+## Prometheus), then the reliability tests (load balancer, overload, slow clients, containers).
+test: test-rust test-k8s test-containers test-reliability
 
 test-rust: setup
 	cargo fmt --check
@@ -53,6 +54,12 @@ test-rust: setup
 
 test-containers: build setup
 	scripts/container-test.sh
+
+test-k8s:
+	scripts/k8s-validate.sh
+
+test-reliability: build setup
+	scripts/reliability-test.sh
 
 ## Benchmark: raw forward pass, tch-serve and the FastAPI peer, side by side (BENCHMARKS.md).
 bench: build setup
