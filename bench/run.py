@@ -107,7 +107,13 @@ def stop(proc: subprocess.Popen):
             proc.wait()
 
 
+def port_free(port: int) -> None:
+    if http_get(f"http://127.0.0.1:{port}/health", timeout=0.5)[0]:
+        raise RuntimeError(f"something already answers on :{port}; stop it first")
+
+
 def start_tch(port: int, *args: str) -> tuple[subprocess.Popen, float]:
+    port_free(port)
     cmd = [BIN, "serve", "--host", "127.0.0.1", "--port", str(port), "--model-dir",
            os.path.join(ROOT, "models/resnet18"), "--max-top-k", "1000", *args]
     env = dict(os.environ, RUST_LOG="warn")
@@ -116,6 +122,7 @@ def start_tch(port: int, *args: str) -> tuple[subprocess.Popen, float]:
 
 
 def start_peer(port: int, workers: int, threads: int) -> tuple[subprocess.Popen, float]:
+    port_free(port)
     env = dict(os.environ, MODEL_PATH=os.path.join(ROOT, "models/resnet18/model.pt"),
                TORCH_THREADS=str(threads), OMP_NUM_THREADS=str(threads))
     cmd = [os.path.join(VENV_BIN, "uvicorn"), "app:app", "--app-dir", PEER_DIR, "--host", "127.0.0.1",
