@@ -97,6 +97,12 @@ impl BatcherHandle {
 /// Whatever the worker needs to build its model on its own thread.
 pub type ClassifierFactory = Box<dyn FnOnce() -> anyhow::Result<Box<dyn Classifier>> + Send>;
 
+/// Runs the warm-up passes on the freshly loaded model; returns their duration.
+pub type WarmUp = Box<dyn FnOnce(&mut dyn Classifier) -> anyhow::Result<Duration> + Send>;
+
+/// Answers once the model is loaded and warmed, or why it could not be.
+pub type Ready = oneshot::Receiver<anyhow::Result<LoadReport>>;
+
 /// What the worker reports once the model is loaded and warmed.
 #[derive(Debug, Clone, Copy)]
 pub struct LoadReport {
@@ -111,12 +117,8 @@ pub fn spawn(
     metrics: Arc<Metrics>,
     init: Box<dyn FnOnce() + Send>,
     factory: ClassifierFactory,
-    warm: Box<dyn FnOnce(&mut dyn Classifier) -> anyhow::Result<Duration> + Send>,
-) -> std::io::Result<(
-    BatcherHandle,
-    oneshot::Receiver<anyhow::Result<LoadReport>>,
-    JoinHandle<()>,
-)> {
+    warm: WarmUp,
+) -> std::io::Result<(BatcherHandle, Ready, JoinHandle<()>)> {
     let (tx, rx) = sync_channel::<Job>(policy.queue_capacity.max(1));
     let (ready_tx, ready_rx) = oneshot::channel();
     let worker_metrics = metrics.clone();

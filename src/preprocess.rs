@@ -51,9 +51,9 @@ impl Preprocessor {
         max_pixels: u64,
     ) -> Self {
         let mut lut = [[0f32; 256]; 3];
-        for c in 0..3 {
-            for v in 0..256 {
-                lut[c][v] = (v as f32 / 255.0 - mean[c]) / std[c];
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, entry) in table.iter_mut().enumerate() {
+                *entry = (v as f32 / 255.0 - mean[c]) / std[c];
             }
         }
         Self {
