@@ -16,6 +16,8 @@
 
 mod common;
 
+use common::{png_chunk, zlib_stored};
+
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -285,33 +287,6 @@ fn mutated_seed() -> impl Strategy<Value = (usize, Vec<Mutation>)> {
 }
 
 // ------------------------------------------------------- generated inputs ---
-
-/// A PNG chunk with a valid CRC.
-fn png_chunk(kind: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut out = (data.len() as u32).to_be_bytes().to_vec();
-    let mut typed = kind.to_vec();
-    typed.extend_from_slice(data);
-    out.extend_from_slice(&typed);
-    out.extend_from_slice(&crc32fast::hash(&typed).to_be_bytes());
-    out
-}
-
-/// A zlib stream of one stored deflate block (data up to 64 KiB).
-fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    let data = &data[..data.len().min(65_535)];
-    let mut out = vec![0x78, 0x01, 0x01];
-    let len = data.len() as u16;
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&(!len).to_le_bytes());
-    out.extend_from_slice(data);
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in data {
-        a = (a + u32::from(x)) % 65_521;
-        b = (b + a) % 65_521;
-    }
-    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
-    out
-}
 
 #[derive(Debug, Clone)]
 struct PngSpec {

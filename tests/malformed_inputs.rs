@@ -47,40 +47,6 @@ fn rgba(w: u32, h: u32) -> DynamicImage {
 
 // ------------------------------------------------------------------ PNG ---
 
-/// A PNG chunk: length, type, data, CRC over type and data.
-fn png_chunk(kind: &[u8; 4], data: &[u8]) -> Vec<u8> {
-    let mut out = (data.len() as u32).to_be_bytes().to_vec();
-    let mut typed = kind.to_vec();
-    typed.extend_from_slice(data);
-    out.extend_from_slice(&typed);
-    out.extend_from_slice(&crc32fast::hash(&typed).to_be_bytes());
-    out
-}
-
-/// A zlib stream of stored (uncompressed) deflate blocks.
-fn zlib_stored(data: &[u8]) -> Vec<u8> {
-    let mut out = vec![0x78, 0x01];
-    let blocks: Vec<&[u8]> = if data.is_empty() {
-        vec![&[]]
-    } else {
-        data.chunks(65_535).collect()
-    };
-    for (i, block) in blocks.iter().enumerate() {
-        out.push(u8::from(i + 1 == blocks.len()));
-        let len = block.len() as u16;
-        out.extend_from_slice(&len.to_le_bytes());
-        out.extend_from_slice(&(!len).to_le_bytes());
-        out.extend_from_slice(block);
-    }
-    let (mut a, mut b) = (1u32, 0u32);
-    for &x in data {
-        a = (a + u32::from(x)) % 65_521;
-        b = (b + a) % 65_521;
-    }
-    out.extend_from_slice(&((b << 16) | a).to_be_bytes());
-    out
-}
-
 /// A PNG from its parts: IHDR fields, an optional palette, the zlib stream of the scanlines.
 fn png_file(w: u32, h: u32, depth: u8, color: u8, plte: Option<&[u8]>, idat: &[u8]) -> Vec<u8> {
     let mut out = b"\x89PNG\r\n\x1a\n".to_vec();
