@@ -3,6 +3,9 @@
 //!
 //!     cargo run --release --example forward -- --model-dir models/resnet18 --precision fp32 --batches 1,2,4,8,16,32 --seconds 3
 //!
+//! `--memory-format contiguous|channels-last` compares layouts; `--gap-ms N` sleeps N ms before
+//! each timed pass (only the passes are timed), to see what an idle server's first pass costs.
+//!
 //! Prints one JSON line per batch size: {"precision", "batch", "images_per_s", "ms_per_batch"}.
 
 use std::time::{Duration, Instant};
@@ -41,6 +44,7 @@ fn main() -> anyhow::Result<()> {
     };
     let threads: i32 = arg("--threads", "0").parse()?;
     let seconds: f64 = arg("--seconds", "3").parse()?;
+    let gap = Duration::from_secs_f64(arg("--gap-ms", "0").parse::<f64>()? / 1000.0);
     let batches: Vec<usize> = arg("--batches", "1,2,4,8,16,32")
         .split(',')
         .map(|b| b.parse())
@@ -63,11 +67,17 @@ fn main() -> anyhow::Result<()> {
         let warm_ms = warm.elapsed().as_secs_f64() * 1000.0 / 3.0;
         let start = Instant::now();
         let mut n = 0usize;
+        let mut busy = Duration::ZERO;
         while start.elapsed() < Duration::from_secs_f64(seconds) || n < 3 {
+            if !gap.is_zero() {
+                std::thread::sleep(gap);
+            }
+            let t = Instant::now();
             model.forward(&input, b)?;
+            busy += t.elapsed();
             n += 1;
         }
-        let dt = start.elapsed().as_secs_f64();
+        let dt = busy.as_secs_f64();
         println!(
             "{{\"precision\":\"{:?}\",\"batch\":{b},\"images_per_s\":{:.2},\"ms_per_batch\":{:.3},\"warmup_ms_per_batch\":{:.1}}}",
             precision,

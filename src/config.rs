@@ -58,11 +58,11 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MemoryFormat {
-    /// channels_last on CPU for bf16/fp16 and on CUDA, contiguous NCHW otherwise.
+    /// channels-last (measured faster on CPU in fp32 and bf16, and what cuDNN prefers).
     Auto,
-    /// Contiguous NCHW input.
+    /// Contiguous NCHW weights and input.
     Contiguous,
-    /// NHWC-strided input, which oneDNN and cuDNN convolutions prefer.
+    /// NHWC-strided convolution weights and input, which oneDNN and cuDNN convolutions prefer.
     ChannelsLast,
 }
 
@@ -84,14 +84,16 @@ pub struct ServeConfig {
     /// Numeric precision of the weights and activations, applied at load time.
     #[arg(long, env = "TCH_SERVE_PRECISION", value_enum, default_value_t = Precision::Fp32)]
     pub precision: Precision,
-    /// Memory layout of the input batch.
+    /// Memory layout of the convolution weights and the input batch, applied at load time.
     #[arg(long, env = "TCH_SERVE_MEMORY_FORMAT", value_enum, default_value_t = MemoryFormat::Auto)]
     pub memory_format: MemoryFormat,
     /// Largest batch the inference thread forms.
     #[arg(long, env = "TCH_SERVE_MAX_BATCH_SIZE", default_value_t = 8)]
     pub max_batch_size: usize,
-    /// Longest wait, in milliseconds, for more images once a first one is ready (0: take what is queued).
-    #[arg(long, env = "TCH_SERVE_MAX_BATCH_DELAY_MS", default_value_t = 2)]
+    /// Longest wait, in milliseconds, for more images once a first one is ready (0: take what is
+    /// queued). Under load, batches fill while the previous forward pass runs, so waiting only
+    /// adds latency on CPU.
+    #[arg(long, env = "TCH_SERVE_MAX_BATCH_DELAY_MS", default_value_t = 0)]
     pub max_batch_delay_ms: u64,
     /// Images admitted at once (being decoded, queued or in inference); beyond it requests get 503.
     #[arg(long, env = "TCH_SERVE_QUEUE_CAPACITY", default_value_t = 32)]
@@ -127,6 +129,10 @@ pub struct ServeConfig {
     /// Threads that decode and resize images (0: the CPUs this process may use).
     #[arg(long, env = "TCH_SERVE_PREPROCESS_THREADS", default_value_t = 0)]
     pub preprocess_threads: usize,
+    /// Niceness of the inference thread and libtorch's threads (0-19), so the HTTP threads get a
+    /// core at once while forward passes keep the cores busy (503s and /health stay fast).
+    #[arg(long, env = "TCH_SERVE_INFERENCE_NICENESS", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=19))]
+    pub inference_niceness: u8,
     /// Forward passes per warm-up batch size before /health reports healthy.
     #[arg(long, env = "TCH_SERVE_WARMUP_ITERATIONS", default_value_t = 2)]
     pub warmup_iterations: usize,
@@ -234,7 +240,9 @@ pub fn available_cpus() -> usize {
 
 /// Default thread split. Decoding and resizing are short compared with a forward pass, so the
 /// model gets every core and the preprocessing pool as many threads as there are cores: the two
-/// rarely run flat out at the same moment. Explicit values always win.
+/// rarely run flat out at the same moment. Measured on 2 cores (BENCHMARKS.md): one decoding
+/// thread loses about 6% of saturated throughput, one intra-op thread about 35%, and making
+/// decoding wait while a forward pass runs gained nothing and raised p99. Explicit values win.
 pub fn split_threads(cpus: usize, preprocess: usize, intra_op: usize) -> (usize, usize) {
     let cpus = cpus.max(1);
     let pre = if preprocess > 0 { preprocess } else { cpus };

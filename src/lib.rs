@@ -53,6 +53,7 @@ pub fn start(
     let metrics = Arc::new(Metrics::new());
     let (preprocess_threads, intra_op_threads) = config.thread_split();
     let inter_op_threads = config.inter_op_threads;
+    let niceness = config.inference_niceness;
     metrics
         .build_info
         .with_label_values(&[
@@ -76,7 +77,7 @@ pub fn start(
     let (batcher, ready, worker): (BatcherHandle, _, _) = batcher::spawn(
         policy,
         metrics.clone(),
-        Box::new(move || configure_torch_threads(intra_op_threads, inter_op_threads)),
+        Box::new(move || configure_torch_threads(intra_op_threads, inter_op_threads, niceness)),
         factory,
         Box::new(move |m: &mut dyn Classifier| {
             if iterations == 0 {
@@ -112,8 +113,28 @@ pub fn start(
     })
 }
 
+/// Sets the calling thread's niceness (Linux: per thread; higher is lower priority). libtorch's
+/// worker threads, created later by this thread, inherit it, so the HTTP threads get a core at
+/// once when they wake: refusals, /health and /metrics stay fast while forward passes keep the
+/// cores busy. Lowering a priority needs no privilege.
+fn lower_priority(niceness: u8) {
+    if niceness == 0 {
+        return;
+    }
+    // SAFETY: setpriority has no memory-safety preconditions; `who` 0 is the calling thread.
+    let rc = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, i32::from(niceness)) };
+    if rc != 0 {
+        tracing::warn!(
+            niceness,
+            error = %std::io::Error::last_os_error(),
+            "could not lower the inference threads' priority"
+        );
+    }
+}
+
 /// Thread settings of libtorch; they must be made on the inference thread before its first op.
-fn configure_torch_threads(intra: usize, inter: usize) {
+fn configure_torch_threads(intra: usize, inter: usize, niceness: u8) {
+    lower_priority(niceness);
     tch::set_num_threads(intra as i32);
     // The inter-op pool can be sized once per process, before it is first used.
     static INTER_OP: Once = Once::new();
@@ -336,4 +357,36 @@ pub async fn healthcheck(port: u16, timeout: Duration) -> bool {
         Ok::<_, std::io::Error>(buf.starts_with(b"HTTP/1.1 200"))
     };
     matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(true)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn niceness_of_this_thread() -> i32 {
+        // SAFETY: getpriority has no memory-safety preconditions; `who` 0 is the calling thread.
+        unsafe { libc::getpriority(libc::PRIO_PROCESS, 0) }
+    }
+
+    #[test]
+    fn inference_priority_is_lowered_for_that_thread_and_its_children_only() {
+        let before = niceness_of_this_thread();
+        if before >= 7 {
+            return; // already as nice or nicer: nothing to lower
+        }
+        let (own, child) = std::thread::spawn(|| {
+            lower_priority(7);
+            let child = std::thread::spawn(niceness_of_this_thread).join().unwrap();
+            (niceness_of_this_thread(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!(own, 7);
+        assert_eq!(child, own, "threads started later inherit the niceness");
+        assert_eq!(
+            niceness_of_this_thread(),
+            before,
+            "other threads keep theirs"
+        );
+    }
 }
