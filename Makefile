@@ -64,7 +64,7 @@ test-reliability: build setup
 ## Benchmark: raw forward pass, tch-serve and the FastAPI peer, side by side (BENCHMARKS.md).
 bench: build setup
 	$(PY) -m pip install --quiet -r bench/requirements.txt
-	$(CARGO) build --release --locked --example forward
+	$(CARGO) build --release --locked --examples
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(BENCH_ARGS)
 
 lint: venv
