@@ -316,6 +316,11 @@ def main() -> int:
     log("preprocessing, one thread: mean %.2f ms per photo" % (sum(p["ms"] for p in pre) / len(pre)))
 
     dur = args.seconds
+    # These shared machines run slower for a while after a minute of full load on every core
+    # (seen as the first server phase running 25% slower than the same phase later): let the
+    # machine settle before the first server, as it has between the later phases.
+    log("settling for 30 s after the raw forward runs")
+    time.sleep(30)
     log("tch-serve fp32:")
     proc, startup = start_tch(8100)
     results["startup_s"] = [startup]
@@ -421,6 +426,7 @@ def write_report(r: dict) -> None:
     pre_mean = sum(p["ms"] for p in r["preprocess"]) / len(r["preprocess"])
     fwd_per_image = best32["ms_per_batch"] / best32["batch"]
     bf_core = best16["ms_per_batch"] / best16["batch"] * r["cpus"]
+    bf_ref = bf16.get("raw_adjacent", {}).get(str(best16["batch"]), best16)["images_per_s"]
 
     def ratio_row(what, value, target, ok):
         return f"| {what} | {value} | {target} | {'met' if ok else '**not met**'} |"
@@ -463,7 +469,9 @@ def write_report(r: dict) -> None:
         "",
         f"Run: {r['when']}, {r['cpus']} CPUs ({r['cpu']}), ResNet-18 (TorchScript, 224x224), {r['photos']} real JPEG photos",
         f"uploaded as multipart `file` by k6 on the same cores; {r.get('vus', 16)} closed-loop clients for saturation; open-loop phases at a constant arrival rate.",
-        "Idle and saturated figures are the median of three runs of a third of a phase each.",
+        "Idle and saturated figures are the median of three runs of a third of a phase each. The raw forward pass is measured at the start",
+        "and again right before each tch-serve server's phases; the targets use the latter, because these machines run slower for a while",
+        "after minutes of full load (the start-of-run figure is shown beside it).",
         "tch-serve runs with its defaults (`--max-batch-size 8 --max-batch-delay-ms 0`, channels-last weights and input, threads from the CPUs available).",
         "",
         "## Targets",
@@ -481,7 +489,8 @@ def write_report(r: dict) -> None:
         "in the saturated phase; HTTP, multipart parsing, copying the batch and the softmax take the rest. "
         "Making decoding wait while a forward pass runs, so that neither slows the other, was measured too: no gain, and a higher p99.",
         f"- **bf16 against the peer.** bf16 raises the forward pass's speed ({best16['images_per_s'] / best32['images_per_s']:.2f}x fp32 here) "
-        "but not the decoding's, so the fixed per-image costs weigh more" + (
+        "but not the decoding's, so the fixed per-image costs weigh more: end-to-end bf16 reached "
+        f"{e2e16 / bf_ref:.2f}x its raw forward pass measured right before ({bf_ref:.1f} images/s)" + (
             f"; the peer's two configurations reached {' and '.join(f'{x:.1f}' for x in r['peer_configs'])} images/s."
             if r.get("peer_configs") else "."),
         f"- **Overload.** At twice the saturated rate the load generator itself took {over['client_share']:.0%} of the cores "
