@@ -49,13 +49,49 @@ fn references() -> Vec<Reference> {
 }
 
 fn load(precision: Precision) -> (TorchClassifier, ModelMetadata) {
+    load_as(precision, MemoryFormat::Auto)
+}
+
+fn load_as(precision: Precision, format: MemoryFormat) -> (TorchClassifier, ModelMetadata) {
     let dir = model_dir();
     let meta =
         ModelMetadata::load(&dir).expect("the setup step exports models/resnet18 (`make model`)");
     let _guard = tch::no_grad_guard();
-    let model = TorchClassifier::load(&dir, &meta, tch::Device::Cpu, precision, MemoryFormat::Auto)
-        .unwrap();
+    let model = TorchClassifier::load(&dir, &meta, tch::Device::Cpu, precision, format).unwrap();
     (model, meta)
+}
+
+#[test]
+fn channels_last_weights_by_default_and_same_answers_as_nchw() {
+    let refs = references();
+    let mut answers = Vec::new();
+    for (format, channels_last) in [
+        (MemoryFormat::Auto, true),
+        (MemoryFormat::ChannelsLast, true),
+        (MemoryFormat::Contiguous, false),
+    ] {
+        for precision in [Precision::Fp32, Precision::Bf16] {
+            let (mut model, meta) = load_as(precision, format);
+            assert_eq!(
+                model.weights_channels_last().unwrap(),
+                channels_last,
+                "{format:?} {precision:?}"
+            );
+            if precision == Precision::Fp32 {
+                let pre = Preprocessor::for_model(&meta, 100_000_000);
+                let bytes = std::fs::read(test_data_dir().join(&refs[0].file)).unwrap();
+                answers.push(model.forward(&pre.run(&bytes).unwrap().data, 1).unwrap());
+            }
+        }
+    }
+    let (cl, nchw) = (&answers[0], &answers[2]);
+    let diff = cl
+        .iter()
+        .zip(nchw)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(diff < 1e-4, "channels-last and NCHW differ by {diff}");
+    assert_eq!(top5(cl), top5(nchw));
 }
 
 fn logits_from_probs(probs: &[f32]) -> Vec<f32> {
