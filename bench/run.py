@@ -205,19 +205,21 @@ def stage_delta(before: dict, after: dict) -> dict:
 
 # ---------------------------------------------------------------- phases
 
-def raw_forward(precision: str, batches: list[int], seconds: float, memory_format: str = "auto") -> list[dict]:
-    out = subprocess.run([FORWARD, "--model-dir", os.path.join(ROOT, "models/resnet18"), "--precision", precision,
-                          "--memory-format", memory_format,
-                          "--batches", ",".join(map(str, batches)), "--seconds", str(seconds)],
-                         capture_output=True, text=True, check=True).stdout
+def json_lines(cmd: list[str]) -> list[dict]:
+    """Runs one of the reference programs (examples/) and parses the JSON line it prints per figure."""
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+
+
+def raw_forward(precision: str, batches: list[int], seconds: float, memory_format: str = "auto") -> list[dict]:
+    return json_lines([FORWARD, "--model-dir", os.path.join(ROOT, "models/resnet18"), "--precision", precision,
+                       "--memory-format", memory_format,
+                       "--batches", ",".join(map(str, batches)), "--seconds", str(seconds)])
 
 
 def preprocess_cost(photos: list[str], seconds: float) -> list[dict]:
     """Decode + resize + normalise per photo, one thread, through the server's own code."""
-    out = subprocess.run([PREPROCESS, "--model-dir", os.path.join(ROOT, "models/resnet18"), "--seconds", str(seconds), *photos],
-                         capture_output=True, text=True, check=True).stdout
-    return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
+    return json_lines([PREPROCESS, "--model-dir", os.path.join(ROOT, "models/resnet18"), "--seconds", str(seconds), *photos])
 
 
 def sweep(photos: list[str], vus: int, dur: int) -> list[dict]:
@@ -425,6 +427,7 @@ def write_report(r: dict) -> None:
     startup = max(r["startup_s"])
     pre_mean = sum(p["ms"] for p in r["preprocess"]) / len(r["preprocess"])
     fwd_per_image = best32["ms_per_batch"] / best32["batch"]
+    fp32_core = fwd_per_image * r["cpus"]
     bf_core = best16["ms_per_batch"] / best16["batch"] * r["cpus"]
     bf_ref = bf16.get("raw_adjacent", {}).get(str(best16["batch"]), best16)["images_per_s"]
 
@@ -469,7 +472,8 @@ def write_report(r: dict) -> None:
         "",
         f"Run: {r['when']}, {r['cpus']} CPUs ({r['cpu']}), ResNet-18 (TorchScript, 224x224), {r['photos']} real JPEG photos",
         f"uploaded as multipart `file` by k6 on the same cores; {r.get('vus', 16)} closed-loop clients for saturation; open-loop phases at a constant arrival rate.",
-        "Idle and saturated figures are the median of three runs of a third of a phase each. The raw forward pass is measured at the start",
+        "The servers' idle and saturated figures are the median of three runs of a third of a phase each (the batch-policy sweep's are",
+        "single runs of half a phase). The raw forward pass is measured at the start",
         "and again right before each tch-serve server's phases; the targets use the latter, because these machines run slower for a while",
         "after minutes of full load (the start-of-run figure is shown beside it).",
         "tch-serve runs with its defaults (`--max-batch-size 8 --max-batch-delay-ms 0`, channels-last weights and input, threads from the CPUs available).",
@@ -483,8 +487,8 @@ def write_report(r: dict) -> None:
         "What limits the figures:",
         "",
         f"- **End-to-end against the raw forward pass.** Each photo costs {pre_mean:.2f} core-ms of decoding and resizing on top of "
-        f"{fwd_per_image * r['cpus']:.1f} core-ms of forward pass (fp32, best batch) or {bf_core:.1f} (bf16), on the same {r['cpus']} cores. "
-        f"That alone bounds end-to-end throughput at {fwd_per_image * r['cpus'] / (fwd_per_image * r['cpus'] + pre_mean):.2f}x the raw forward pass in fp32 "
+        f"{fp32_core:.1f} core-ms of forward pass (fp32, best batch) or {bf_core:.1f} (bf16), on the same {r['cpus']} cores. "
+        f"That alone bounds end-to-end throughput at {fp32_core / (fp32_core + pre_mean):.2f}x the raw forward pass in fp32 "
         f"and {bf_core / (bf_core + pre_mean):.2f}x in bf16. The load generator took {fp32['sat']['client_share']:.0%} of the cores "
         "in the saturated phase; HTTP, multipart parsing, copying the batch and the softmax take the rest. "
         "Making decoding wait while a forward pass runs, so that neither slows the other, was measured too: no gain, and a higher p99.",
@@ -516,9 +520,9 @@ def write_report(r: dict) -> None:
         "",
         "## Preprocessing cost (decode, resize, normalise; one thread, the server's own code)",
         "",
-        f"Mean {pre_mean:.2f} core-ms per photo, against {fwd_per_image * r['cpus']:.2f} core-ms of forward pass per image at the best fp32 batch "
+        f"Mean {pre_mean:.2f} core-ms per photo, against {fp32_core:.2f} core-ms of forward pass per image at the best fp32 batch "
         f"({fwd_per_image:.2f} ms on all {r['cpus']} cores). Decoding shares the cores with the forward pass, so even with no other cost "
-        f"end-to-end fp32 throughput is at most {fwd_per_image * r['cpus'] / (fwd_per_image * r['cpus'] + pre_mean):.2f}x the raw forward pass "
+        f"end-to-end fp32 throughput is at most {fp32_core / (fp32_core + pre_mean):.2f}x the raw forward pass "
         f"(bf16: {bf_core / (bf_core + pre_mean):.2f}x); HTTP, multipart parsing and the load generator on the same cores come on top.",
         "",
         "| photo | size | ms | of which decoding |",
