@@ -61,11 +61,18 @@ test-k8s:
 test-reliability: build setup
 	scripts/reliability-test.sh
 
-## Benchmark: raw forward pass, tch-serve and the FastAPI peer, side by side (BENCHMARKS.md).
-bench: build setup
+## Benchmark: raw forward pass, tch-serve and its peers (FastAPI, TorchServe) side by side, on
+## small and phone-sized photos (BENCHMARKS.md, about 30 minutes). BENCH_ARGS="--only peers,phone"
+## runs some parts (bench/run.py --help).
+bench: build setup target/phone-photos/manifest.json
 	$(PY) -m pip install --quiet -r bench/requirements.txt
+	bench/peers/torchserve/setup.sh
 	$(CARGO) build --release --locked --examples
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(BENCH_ARGS)
+
+# 3 MP and 12 MP photos made from real ones, seeded (about 20 s); the manifest is written last.
+target/phone-photos/manifest.json: bench/phone_photos.py | $(VENV)/.installed
+	$(PY) bench/phone_photos.py --out target/phone-photos
 
 lint: venv
 	cargo fmt --check

@@ -1,7 +1,11 @@
-// Load for one server: multipart uploads of real JPEG photos, like `curl -F file=@photo.jpg`.
+// Load for one server: uploads of real JPEG photos, one photo per request.
 //   MODE=closed  VUS=N          N clients, each sending its next request when the last returns
 //   MODE=open    RATE=R         R requests/s arriving at a constant rate, whatever the latency
+//   BODY=multipart              a multipart `file` field, like `curl -F file=@photo.jpg` (default)
+//   BODY=raw                    the JPEG itself as the body, `Content-Type: image/jpeg` (TorchServe)
 // Common: URL, DURATION (e.g. 15s), PHOTOS (comma-separated paths).
+// Another request format (e.g. an Open Inference Protocol request with a BYTES input) is one
+// more entry in `bodies`, chosen with BODY; bench/run.py names it per server.
 import http from 'k6/http';
 
 const photos = __ENV.PHOTOS.split(',').map((p) => open(p, 'b'));
@@ -32,10 +36,16 @@ export const options = {
   },
 };
 
+const params = { tags: { name: 'predict' }, timeout: '60s' };
+const bodies = {
+  multipart: (i) => http.post(__ENV.URL, { file: http.file(photos[i], `photo${i}.jpg`, 'image/jpeg') }, params),
+  raw: (i) => http.post(__ENV.URL, photos[i], { ...params, headers: { 'Content-Type': 'image/jpeg' } }),
+};
+const send = bodies[__ENV.BODY || 'multipart'];
+if (!send) {
+  throw new Error(`unknown BODY ${__ENV.BODY}; known: ${Object.keys(bodies).join(', ')}`);
+}
+
 export default function () {
-  const i = Math.floor(Math.random() * photos.length);
-  http.post(__ENV.URL, { file: http.file(photos[i], `photo${i}.jpg`, 'image/jpeg') }, {
-    tags: { name: 'predict' },
-    timeout: '60s',
-  });
+  send(Math.floor(Math.random() * photos.length));
 }

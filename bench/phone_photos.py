@@ -123,8 +123,10 @@ def main() -> int:
                              "stored": [stored_w, stored_h], "displayed": list(upright.size),
                              "orientation": 6 if portrait else 1, "source": name})
             print(f"{path}: {stored_w}x{stored_h}, orientation {6 if portrait else 1}, {len(data) / 1e6:.2f} MB", flush=True)
+    method = {"filter": "Lanczos", "luma_noise": LUMA_NOISE, "chroma_noise": CHROMA_NOISE, "quality": QUALITY,
+              "subsampling": "4:2:0", "portrait_orientation": 6}
     with open(os.path.join(args.out, "manifest.json"), "w") as f:
-        json.dump(manifest, f, indent=1)
+        json.dump({"method": method, "files": manifest}, f, indent=1)
     return 0
 
 
