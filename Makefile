@@ -62,7 +62,7 @@ test-reliability: build setup
 	scripts/reliability-test.sh
 
 ## Benchmark: raw forward pass, tch-serve and its peers (FastAPI, TorchServe) side by side, on
-## small and phone-sized photos (BENCHMARKS.md, about 30 minutes). BENCH_ARGS="--only peers,phone"
+## small and phone-sized photos (BENCHMARKS.md, about 25 minutes). BENCH_ARGS="--only peers,phone"
 ## runs some parts (bench/run.py --help).
 bench: build setup target/phone-photos/manifest.json
 	$(PY) -m pip install --quiet -r bench/requirements.txt

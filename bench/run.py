@@ -780,6 +780,8 @@ def vs_peers(r: dict) -> tuple[list[str], dict]:
                 cells.append(f"{p['sat']['ok_per_s']:.1f} ({p['name']})" if p else "not measured")
             for p in (fa, ts, best_peer):
                 cells.append(f"**{tv / p['sat']['ok_per_s']:.2f}x**" if p and p["sat"]["ok_per_s"] else "-")
+            if not peers:
+                continue
             ti = t["idle"]["lat_ok"]["med"]
             cells.append(f"{ti:.0f} ms; " + ", ".join(f"{p['family']} {p['idle']['lat_ok']['med']:.0f} ms ({ti / p['idle']['lat_ok']['med']:.2f}x)"
                                                        for p in (fa, ts) if p))
@@ -874,7 +876,7 @@ def write_report(r: dict) -> None:
     md = [
         "# Benchmarks" + (" (partial run)" if partial else ""),
         "",
-        "Reproduce with `make bench` (about 30 minutes; `BENCH_ARGS=\"--only peers,phone\"` runs some parts). Every figure below",
+        "Reproduce with `make bench` (about 25 minutes; `BENCH_ARGS=\"--only peers,phone\"` runs some parts). Every figure below",
         "comes from one run, side by side with its reference, because absolute times on shared machines drift from run to run:",
         "read the ratios.",
         "",
