@@ -99,8 +99,8 @@ class Variant:
         Variant("tch-serve fp32, v2 REST", [], path="/v2/models/{model}/infer", body="v2-bytes")
     (gRPC needs a k6 script of its own, k6/net/grpc, beside load.js). Rows of the same kind on
     the small photos are a part of their own: a function in PART_FUNCS that runs server_suite()
-    on start_tch(..., path=v.path, body=v.body) and stores its result with workload "small" where
-    comparison() collects the rows of every table."""
+    on start_tch(..., path=v.path, body=v.body) and appends the result, with "workload": "small",
+    to results["rows"], which comparison() adds to the tables."""
     name: str
     flags: list[str] = field(default_factory=list)
     path: str = "/predict"
@@ -760,6 +760,7 @@ def comparison(r: dict) -> list[dict]:
     for family, p in (r.get("peers") or {}).items():
         rows.append({**p["configs"][p["best"]], "workload": "small"})
     rows += (r.get("phone") or {}).get("rows", [])
+    rows += r.get("rows", [])  # parts added later (other protocols, models)
     return rows
 
 
