@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reliability tests of the release binary, on 127.0.0.1 only, each phase bounded in time
-# (about 2.5 minutes in all, plus the container phase when an image is there):
+# (about 3.5 minutes in all, plus the container phase when an image is there):
 #
-#   scripts/reliability-test.sh [--only rolling,overload,clients,container]
+#   scripts/reliability-test.sh [--only rolling,overload,clients,container,nginx]
 #
 #   a. rolling   two servers behind HAProxy (health checks on /health every 500 ms, like a
 #                readiness probe), steady load; SIGTERM one (it keeps serving for
@@ -17,14 +17,18 @@
 #   d. container when a Docker engine and the image (tch-serve:cpu, else tch-serve:latest)
 #                are there: --read-only --tmpfs /tmp becomes healthy; docker kill (SIGKILL)
 #                then docker start comes back healthy. Otherwise "skipped".
+#   e. nginx     two servers behind nginx configured as the ingress-nginx component's
+#                annotations configure ingress-nginx (scripts/reliability/nginx_lb.py): a 5 MB
+#                photo passes, a body over --max-body-bytes gets the server's JSON 413, and a
+#                rolling restart (the upstreams follow /health, nginx reloads) loses no request.
 #
 # The work is done by scripts/reliability/reliability.py (Python standard library only); logs
 # and figures (figures.json) go to target/reliability/. The last line is "N passed, M failed";
 # the exit status is non-zero on failure.
 #
 # Needs: target/release/tch-serve (`make build`), the exported model (`make model`), a photo
-# (`make test-data`; one is written with Pillow otherwise) and HAProxy (installed from Debian's
-# packages when missing: run as root, or install `haproxy` first).
+# (`make test-data`; one is written with Pillow otherwise), HAProxy and nginx (installed from
+# Debian's packages when missing: run as root, or install `haproxy` and `nginx` first).
 #
 # Environment: BIN (target/release/tch-serve), MODEL_DIR (models/resnet18), PYTHON (.venv's).
 set -uo pipefail
@@ -44,13 +48,17 @@ fail_setup() { echo "setup: $*" >&2; echo "0 passed, 1 failed"; exit 1; }
 [ -x "$BIN" ] || fail_setup "$BIN is missing: run \`make build\`"
 [ -f "$MODEL_DIR/model.pt" ] || fail_setup "$MODEL_DIR/model.pt is missing: run \`make model\`"
 
-if ! command -v haproxy >/dev/null && [ ! -x /usr/sbin/haproxy ]; then
-    echo "installing haproxy (Debian package)"
+missing=()
+for tool in haproxy nginx; do
+    command -v "$tool" >/dev/null || [ -x "/usr/sbin/$tool" ] || missing+=("$tool")
+done
+if [ "${#missing[@]}" -gt 0 ]; then
+    echo "installing ${missing[*]} (Debian packages)"
     if [ "$(id -u)" -eq 0 ]; then
-        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; } \
-            >"$work/apt.log" 2>&1 || echo "could not install haproxy (see $work/apt.log)"
+        { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"; } \
+            >"$work/apt.log" 2>&1 || echo "could not install ${missing[*]} (see $work/apt.log)"
     else
-        echo "not root: install haproxy (apt-get install haproxy) for the rolling-restart test"
+        echo "not root: install ${missing[*]} (apt-get install ${missing[*]}) for the load-balancer tests"
     fi
 fi
 

@@ -1,10 +1,11 @@
 """Reliability tests of the tch-serve binary: rolling restart under load, overload, slow and
-broken clients, container hardening. Run through scripts/reliability-test.sh.
+broken clients, container hardening, and behind nginx as ingress-nginx (nginx_lb.py). Run
+through scripts/reliability-test.sh.
 
 Everything listens on 127.0.0.1 only, every phase is bounded in time, and every process this
 starts is stopped when it ends (whatever happens). Python's standard library only.
 
-    python scripts/reliability/reliability.py [--only rolling,overload,clients,container]
+    python scripts/reliability/reliability.py [--only rolling,overload,clients,container,nginx]
 
 The last line is "N passed, M failed"; the exit status is non-zero when a check failed.
 """
@@ -25,6 +26,8 @@ import http.client
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import nginx_lb  # phase e, in its own module
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "target" / "reliability"
@@ -877,10 +880,11 @@ def main() -> int:
     ap.add_argument("--bin", default=str(ROOT / "target/release/tch-serve"))
     ap.add_argument("--model-dir", default=str(ROOT / "models/resnet18"))
     ap.add_argument("--photo", default=str(ROOT / "target/test-data/photos/chelsea.jpg"))
-    ap.add_argument("--only", default="rolling,overload,clients,container")
+    ap.add_argument("--only", default="rolling,overload,clients,container,nginx")
     ap.add_argument("--rolling-seconds", type=float, default=60)
     ap.add_argument("--overload-seconds", type=float, default=20)
     ap.add_argument("--clients-seconds", type=float, default=20)
+    ap.add_argument("--nginx-seconds", type=float, default=45)
     ap.add_argument("--images", default="tch-serve:cpu,tch-serve:latest",
                     help="container images to try, first found is used")
     ap.add_argument("--figures", default=str(WORK / "figures.json"))
@@ -895,6 +899,7 @@ def main() -> int:
         "overload": lambda: test_overload(photo, opts.overload_seconds),
         "clients": lambda: test_clients(photo, opts.clients_seconds),
         "container": lambda: test_container(photo, opts.images.split(",")),
+        "nginx": lambda: nginx_lb.test_nginx(sys.modules[__name__], photo, opts.nginx_seconds),
     }
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
