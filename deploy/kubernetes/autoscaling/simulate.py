@@ -569,7 +569,7 @@ def main() -> int:
                     help="scheduling + container start of a new pod, image already on the node (20)")
     ap.add_argument("--loading-s", type=float, default=10.0,
                     help="model load, warm-up and the readiness probe passing (10)")
-    ap.add_argument("--step", type=int, default=60, help="seconds per row of the table (60)")
+    ap.add_argument("--step", type=int, default=120, help="seconds per row of the table (120)")
     ap.add_argument("--plot", help="write the plot (PNG) here")
     ap.add_argument("--markdown", action="store_true", help="print the tables as Markdown")
     ap.add_argument("--policies", default="cpu,cpu-fast,adapter,keda")
@@ -612,8 +612,8 @@ def main() -> int:
     runs = [simulate(p, rate, times, route, opts.pending_s, opts.loading_s, scrape) for p in chosen]
     shown = [r for r in runs if r.policy.name in opts.table.split(",")]
     print(f"Scenario {opts.scenario}, seed {opts.seed}: {len(times)} images over {len(rate) // 60} min. "
-          f"Per policy: replicas (not deleted/ready) at the end of the minute, mean images in flight "
-          f"per ready replica, p99 of the images answered in the minute (ms), images refused (503).")
+          f"Per policy and row: replicas (not deleted/ready) at the row's end, mean images in flight "
+          f"per ready replica, p99 of the images answered (ms), images refused (503).")
     head = ["min", "offered/s"]
     for r in shown:
         head += [f"{r.policy.name} replicas", f"{r.policy.name} in-flight", f"{r.policy.name} p99",
