@@ -42,7 +42,6 @@ Deterministic (--seed). Standard library only, plus PyYAML for the manifests and
 from __future__ import annotations
 
 import argparse
-import bisect
 import math
 import random
 import re
@@ -123,7 +122,7 @@ class Policy:
     source: str = ""
 
 
-def read_policies(scrape_interval: float) -> dict[str, Policy]:
+def read_policies() -> dict[str, Policy]:
     base = load_yaml(K8S / "base" / "hpa.yaml")
     cpu_metric = base["spec"]["metrics"][0]["resource"]
     policies = {
@@ -581,7 +580,7 @@ def main() -> int:
 
     sm = load_yaml(K8S / "components" / "servicemonitor" / "servicemonitor.yaml")
     scrape = seconds(sm["spec"]["endpoints"][0]["interval"])
-    policies = read_policies(scrape)
+    policies = read_policies()
     chosen = [policies[n] for n in opts.policies.split(",")]
     if opts.inflight_target:
         for p in chosen:
