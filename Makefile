@@ -17,9 +17,10 @@ CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
 
 .PHONY: run setup venv model test-data build test test-rust test-k8s test-containers test-reliability lint bench clean
 
-## Set up, build and run the server on the default model (port $(PORT)).
+## Set up, build and serve the model repository models/ (port $(PORT)): resnet18, the default
+## model, and the pretrained efficientnet_lite0.
 run: build model
-	target/release/tch-serve serve --model-dir $(MODEL_DIR) --port $(PORT)
+	target/release/tch-serve serve --model-repository models --default-model $(MODEL) --port $(PORT)
 
 ## Everything `run` and `test` need: the venv with torch, the model, the test photos.
 setup: venv model test-data

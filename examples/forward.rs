@@ -1,5 +1,7 @@
 //! Raw forward-pass throughput through the project's own model code, no HTTP, no decoding:
-//! the reference that end-to-end throughput is compared with.
+//! the reference that end-to-end throughput is compared with. The input is a batch of 8-bit
+//! crops, as the server queues them; scaling and normalising them on the batch is part of the
+//! pass, as it is in the server.
 //!
 //!     cargo run --release --example forward -- --model-dir models/resnet18 --precision fp32 --batches 1,2,4,8,16,32 --seconds 3
 //!
@@ -57,9 +59,7 @@ fn main() -> anyhow::Result<()> {
     let mut model = TorchClassifier::load(&dir, &meta, device, precision, memory_format)?;
     let per = (meta.input_size as usize).pow(2) * 3;
     for &b in &batches {
-        let input: Vec<f32> = (0..b * per)
-            .map(|i| ((i % 251) as f32 / 125.0) - 1.0)
-            .collect();
+        let input: Vec<u8> = (0..b * per).map(|i| (i % 251) as u8).collect();
         let warm = Instant::now();
         for _ in 0..3 {
             model.forward(&input, b)?;

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Image-classification inference server for TorchScript models.
 #[derive(Debug, Parser)]
@@ -22,7 +22,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Load the model and serve HTTP (the default).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Exit 0 if the local server's /health answers 200, 1 otherwise (for container health checks).
     Healthcheck(HealthcheckArgs),
 }
@@ -37,7 +37,7 @@ pub struct HealthcheckArgs {
     pub timeout_secs: u64,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Precision {
     /// 32-bit floats everywhere.
@@ -55,7 +55,7 @@ pub enum LogFormat {
     Json,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MemoryFormat {
     /// channels-last (measured faster on CPU in fp32 and bf16, and what cuDNN prefers).
@@ -75,9 +75,29 @@ pub struct ServeConfig {
     /// Port to listen on.
     #[arg(long, env = "TCH_SERVE_PORT", default_value_t = 8000)]
     pub port: u16,
-    /// Directory holding model.pt (TorchScript) and metadata.json, as written by models/export.py.
-    #[arg(long, env = "TCH_SERVE_MODEL_DIR", default_value = "models/resnet18")]
-    pub model_dir: PathBuf,
+    /// A model repository: each subfolder is a model named after it, holding model.pt and
+    /// metadata.json directly or in numbered version folders (the highest is served).
+    #[arg(long, env = "TCH_SERVE_MODEL_REPOSITORY", conflicts_with = "model_dir")]
+    pub model_repository: Option<PathBuf>,
+    /// One model directory holding model.pt (TorchScript) and metadata.json, as written by
+    /// models/export.py (the default when no repository is given: models/resnet18).
+    #[arg(long, env = "TCH_SERVE_MODEL_DIR")]
+    pub model_dir: Option<PathBuf>,
+    /// Model answering `POST /predict` without `?model=` (default: the only model, or resnet18
+    /// when the repository has it, else the first by name).
+    #[arg(long, env = "TCH_SERVE_DEFAULT_MODEL")]
+    pub default_model: Option<String>,
+    /// Serve this version of a model instead of its highest: NAME=VERSION (repeatable; in the
+    /// environment, comma-separated).
+    #[arg(long = "model-version", env = "TCH_SERVE_MODEL_VERSION", value_delimiter = ',', value_parser = parse_pin)]
+    pub model_versions: Vec<(String, u64)>,
+    /// Enable POST /models/{name}/load and /models/{name}/unload.
+    #[arg(long, env = "TCH_SERVE_ENABLE_MODEL_CONTROL")]
+    pub enable_model_control: bool,
+    /// Seconds between scans of the model repository for new, changed and removed models and
+    /// versions (0: never; load them with POST /models/{name}/load).
+    #[arg(long, env = "TCH_SERVE_POLL_REPOSITORY_SECS", default_value_t = 0)]
+    pub poll_repository_secs: u64,
     /// Device to run the model on: auto (CUDA if available, else CPU), cpu, cuda or cuda:N.
     #[arg(long, env = "TCH_SERVE_DEVICE", default_value = "auto")]
     pub device: String,
@@ -123,6 +143,11 @@ pub struct ServeConfig {
     /// libtorch intra-op threads (0: the CPUs this process may use, cgroup quota aware, minus the preprocessing threads' share).
     #[arg(long, env = "TCH_SERVE_INTRA_OP_THREADS", default_value_t = 0)]
     pub intra_op_threads: usize,
+    /// Cores that the models' CPU forward passes share: a forward pass takes its intra-op
+    /// threads from this budget first, so several busy models never run more libtorch threads
+    /// than there are cores (0: the CPUs this process may use).
+    #[arg(long, env = "TCH_SERVE_CPU_BUDGET", default_value_t = 0)]
+    pub cpu_budget: usize,
     /// libtorch inter-op threads.
     #[arg(long, env = "TCH_SERVE_INTER_OP_THREADS", default_value_t = 1)]
     pub inter_op_threads: usize,
@@ -139,6 +164,13 @@ pub struct ServeConfig {
     /// Log format.
     #[arg(long, env = "TCH_SERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Client connections open at once; beyond it new connections are closed at once.
+    #[arg(long, env = "TCH_SERVE_MAX_CONNECTIONS", default_value_t = 1024)]
+    pub max_connections: usize,
+    /// Seconds a client has to send a request's headers, counted from the connection's start or
+    /// the end of the previous response (so also how long an idle keep-alive connection stays).
+    #[arg(long, env = "TCH_SERVE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
+    pub header_read_timeout_secs: u64,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "TCH_SERVE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
     pub shutdown_timeout_secs: u64,
@@ -147,7 +179,39 @@ pub struct ServeConfig {
     pub shutdown_delay_secs: u64,
 }
 
+/// Where the models come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// `--model-repository`: every model folder in it.
+    Repository(PathBuf),
+    /// `--model-dir`: one model.
+    Single(PathBuf),
+}
+
 impl ServeConfig {
+    pub fn model_source(&self) -> ModelSource {
+        match (&self.model_repository, &self.model_dir) {
+            (Some(repo), _) => ModelSource::Repository(repo.clone()),
+            (None, Some(dir)) => ModelSource::Single(dir.clone()),
+            (None, None) => ModelSource::Single(PathBuf::from("models/resnet18")),
+        }
+    }
+
+    /// Serving settings of every model before its own `config.json` is applied.
+    pub fn model_defaults(&self) -> ModelSettings {
+        ModelSettings {
+            device: self.device.clone(),
+            precision: self.precision,
+            memory_format: self.memory_format,
+            max_batch_size: self.max_batch_size,
+            max_batch_delay_ms: self.max_batch_delay_ms,
+            queue_capacity: self.queue_capacity,
+            intra_op_threads: self.thread_split().1,
+            warmup_iterations: self.warmup_iterations,
+            version: None,
+        }
+    }
+
     pub fn max_batch_delay(&self) -> Duration {
         Duration::from_millis(self.max_batch_delay_ms)
     }
@@ -158,14 +222,16 @@ impl ServeConfig {
 
     /// Cross-field checks; the message names the flags to change.
     pub fn validate(&self) -> Result<(), String> {
-        if self.max_batch_size == 0 || self.max_batch_size > 1024 {
-            return Err("--max-batch-size must be between 1 and 1024".into());
+        self.model_defaults().validate(
+            self.max_images_per_request,
+            self.request_timeout_ms,
+            |key| format!("--{}", key.replace('_', "-")),
+        )?;
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
         }
-        if self.queue_capacity < self.max_images_per_request {
-            return Err(format!(
-                "--queue-capacity ({}) must be at least --max-images-per-request ({}), or no request of that size could ever be admitted",
-                self.queue_capacity, self.max_images_per_request
-            ));
+        if self.header_read_timeout_secs == 0 {
+            return Err("--header-read-timeout-secs must be at least 1".into());
         }
         if self.max_pending_uploads == 0 {
             return Err("--max-pending-uploads must be at least 1".into());
@@ -188,13 +254,11 @@ impl ServeConfig {
         if self.request_timeout_ms == 0 {
             return Err("--request-timeout-ms must be positive".into());
         }
-        if self.max_batch_delay_ms >= self.request_timeout_ms {
-            return Err(format!(
-                "--max-batch-delay-ms ({}) must be below --request-timeout-ms ({})",
-                self.max_batch_delay_ms, self.request_timeout_ms
-            ));
+        if let Some(name) = &self.default_model
+            && name.trim().is_empty()
+        {
+            return Err("--default-model must not be empty".into());
         }
-        parse_device(&self.device)?;
         Ok(())
     }
 
@@ -206,6 +270,119 @@ impl ServeConfig {
             self.intra_op_threads,
         )
     }
+}
+
+/// The serving settings of one model: the command line's, then its `config.json`'s.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct ModelSettings {
+    pub device: String,
+    pub precision: Precision,
+    pub memory_format: MemoryFormat,
+    pub max_batch_size: usize,
+    pub max_batch_delay_ms: u64,
+    pub queue_capacity: usize,
+    /// libtorch threads of this model's forward passes (its share of the CPU budget).
+    pub intra_op_threads: usize,
+    pub warmup_iterations: usize,
+    /// The version to serve instead of the highest.
+    pub version: Option<u64>,
+}
+
+/// A model's `config.json`: any of the serving settings, each overriding the command line's for
+/// that model. Unknown keys are an error, so a misspelt one is not silently ignored.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelOverrides {
+    pub device: Option<String>,
+    pub precision: Option<Precision>,
+    pub memory_format: Option<MemoryFormat>,
+    pub max_batch_size: Option<usize>,
+    pub max_batch_delay_ms: Option<u64>,
+    pub queue_capacity: Option<usize>,
+    pub intra_op_threads: Option<usize>,
+    pub warmup_iterations: Option<usize>,
+    pub version: Option<u64>,
+}
+
+impl ModelSettings {
+    pub fn with(mut self, o: &ModelOverrides) -> Self {
+        if let Some(v) = &o.device {
+            self.device = v.clone();
+        }
+        macro_rules! take {
+            ($($f:ident),*) => { $( if let Some(v) = o.$f { self.$f = v; } )* };
+        }
+        take!(
+            precision,
+            memory_format,
+            max_batch_size,
+            max_batch_delay_ms,
+            queue_capacity,
+            intra_op_threads,
+            warmup_iterations
+        );
+        if o.version.is_some() {
+            self.version = o.version;
+        }
+        self
+    }
+
+    pub fn max_batch_delay(&self) -> Duration {
+        Duration::from_millis(self.max_batch_delay_ms)
+    }
+
+    /// Checks that the settings fit together; `name` spells a setting as the message should
+    /// (a flag for the command line, a key for `config.json`).
+    pub fn validate(
+        &self,
+        max_images_per_request: usize,
+        timeout_ms: u64,
+        name: impl Fn(&str) -> String,
+    ) -> Result<(), String> {
+        if self.max_batch_size == 0 || self.max_batch_size > 1024 {
+            return Err(format!(
+                "{} must be between 1 and 1024",
+                name("max_batch_size")
+            ));
+        }
+        if self.queue_capacity < max_images_per_request {
+            return Err(format!(
+                "{} ({}) must be at least {} ({}), or no request of that size could ever be admitted",
+                name("queue_capacity"),
+                self.queue_capacity,
+                name("max_images_per_request"),
+                max_images_per_request
+            ));
+        }
+        if self.max_batch_delay_ms >= timeout_ms {
+            return Err(format!(
+                "{} ({}) must be below {} ({})",
+                name("max_batch_delay_ms"),
+                self.max_batch_delay_ms,
+                name("request_timeout_ms"),
+                timeout_ms
+            ));
+        }
+        if self.intra_op_threads == 0 {
+            return Err(format!("{} must be at least 1", name("intra_op_threads")));
+        }
+        parse_device(&self.device).map_err(|e| e.replace("--device", &name("device")))?;
+        Ok(())
+    }
+}
+
+fn parse_pin(s: &str) -> Result<(String, u64), String> {
+    let (name, version) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?} is not NAME=VERSION"))?;
+    let version = version
+        .trim()
+        .parse::<u64>()
+        .map_err(|_| format!("{s:?}: the version must be a positive integer"))?;
+    if name.trim().is_empty() || version == 0 {
+        return Err(format!("{s:?} is not NAME=VERSION"));
+    }
+    Ok((name.trim().to_owned(), version))
 }
 
 /// The device the user asked for.
@@ -236,6 +413,33 @@ pub fn available_cpus() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(1)
+}
+
+/// The CPU features that decide which precisions run fast here, from /proc/cpuinfo (x86-64
+/// Linux): `avx2`, `avx512f`, `avx512_bf16`, `amx_bf16`, `amx_int8`, `avx512_vnni`,
+/// `avx_vnni`. Empty where the file is not there.
+pub fn cpu_features() -> Vec<&'static str> {
+    const FEATURES: [&str; 7] = [
+        "avx2",
+        "avx512f",
+        "avx512_vnni",
+        "avx_vnni",
+        "avx512_bf16",
+        "amx_bf16",
+        "amx_int8",
+    ];
+    let flags = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("flags"))
+                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
+        })
+        .unwrap_or_default();
+    FEATURES
+        .into_iter()
+        .filter(|f| flags.iter().any(|g| g == f))
+        .collect()
 }
 
 /// Default thread split. Decoding and resizing are short compared with a forward pass, so the
@@ -291,6 +495,56 @@ mod tests {
         assert!(err.contains("--max-batch-size"));
         let err = config(&["--device", "npu"]).validate().unwrap_err();
         assert!(err.contains("--device"));
+    }
+
+    #[test]
+    fn model_source_and_pins() {
+        assert_eq!(
+            config(&[]).model_source(),
+            ModelSource::Single("models/resnet18".into())
+        );
+        assert_eq!(
+            config(&["--model-repository", "models"]).model_source(),
+            ModelSource::Repository("models".into())
+        );
+        let c = config(&["--model-version", "a=2", "--model-version", "b=10"]);
+        assert_eq!(c.model_versions, vec![("a".into(), 2), ("b".into(), 10)]);
+        for bad in ["a", "a=x", "=1", "a=0"] {
+            assert!(
+                Cli::try_parse_from(["tch-serve", "--model-version", bad]).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(
+            Cli::try_parse_from(["tch-serve", "--model-dir", "a", "--model-repository", "b"])
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn config_json_overrides_name_their_keys() {
+        let o: ModelOverrides =
+            serde_json::from_str(r#"{"max_batch_size": 4, "precision": "bf16", "version": 2}"#)
+                .unwrap();
+        let s = config(&[]).model_defaults().with(&o);
+        assert_eq!(
+            (s.max_batch_size, s.precision, s.version),
+            (4, Precision::Bf16, Some(2))
+        );
+        assert_eq!(
+            s.queue_capacity, 32,
+            "what the file does not say keeps its default"
+        );
+        assert!(serde_json::from_str::<ModelOverrides>(r#"{"max_batch":4}"#).is_err());
+        let bad = config(&[]).model_defaults().with(&ModelOverrides {
+            queue_capacity: Some(2),
+            ..Default::default()
+        });
+        let err = bad.validate(16, 30_000, |k| format!("`{k}`")).unwrap_err();
+        assert!(
+            err.contains("`queue_capacity`") && err.contains("`max_images_per_request`"),
+            "{err}"
+        );
     }
 
     #[test]

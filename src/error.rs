@@ -6,6 +6,10 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::pipeline::PipelineError;
+use crate::preprocess::PreprocessError;
+use crate::repository::RepoError;
+
 /// The JSON body of every failure.
 #[derive(Debug, Serialize, serde::Deserialize, ToSchema)]
 pub struct ErrorBody {
@@ -35,10 +39,20 @@ pub enum ApiError {
     ImageTooLarge { width: u32, height: u32, limit: u64 },
     #[error("too many images in one request: at most {limit}")]
     TooManyImages { limit: usize },
-    #[error("the server is at capacity ({capacity} images admitted); retry shortly")]
-    Overloaded { capacity: usize },
-    #[error("the server is not ready: {0}")]
+    #[error("{0}")]
+    Overloaded(String),
+    #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    ModelNotFound(String),
+    #[error("{0}")]
+    ModelRequired(String),
+    #[error("{0}")]
+    ModelLoadFailed(String),
+    #[error(
+        "model control is disabled: start the server with --enable-model-control (TCH_SERVE_ENABLE_MODEL_CONTROL=true)"
+    )]
+    ModelControlDisabled,
     #[error("the request did not complete within {ms} ms")]
     Timeout { ms: u64 },
     #[error("no route for {0}")]
@@ -52,15 +66,19 @@ pub enum ApiError {
 impl ApiError {
     pub fn status(&self) -> StatusCode {
         match self {
-            Self::BadRequest(_) | Self::MissingFile | Self::InvalidParameter(_) => {
-                StatusCode::BAD_REQUEST
-            }
+            Self::BadRequest(_)
+            | Self::MissingFile
+            | Self::InvalidParameter(_)
+            | Self::ModelRequired(_) => StatusCode::BAD_REQUEST,
+            Self::ModelNotFound(_) => StatusCode::NOT_FOUND,
+            Self::ModelControlDisabled => StatusCode::FORBIDDEN,
+            Self::ModelLoadFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
             Self::PayloadTooLarge { .. }
             | Self::ImageTooLarge { .. }
             | Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::Overloaded { .. } | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Overloaded(_) | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
@@ -78,8 +96,12 @@ impl ApiError {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::ImageTooLarge { .. } => "image_too_large",
             Self::TooManyImages { .. } => "too_many_images",
-            Self::Overloaded { .. } => "overloaded",
+            Self::Overloaded(_) => "overloaded",
             Self::Unavailable(_) => "unavailable",
+            Self::ModelNotFound(_) => "model_not_found",
+            Self::ModelRequired(_) => "model_required",
+            Self::ModelLoadFailed(_) => "model_load_failed",
+            Self::ModelControlDisabled => "model_control_disabled",
             Self::Timeout { .. } => "timeout",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
@@ -90,9 +112,55 @@ impl ApiError {
     /// Seconds a client should wait before retrying, for the statuses that invite a retry.
     pub fn retry_after(&self) -> Option<u32> {
         match self {
-            Self::Overloaded { .. } => Some(1),
+            Self::Overloaded(_) => Some(1),
             Self::Unavailable(_) => Some(5),
             _ => None,
+        }
+    }
+}
+
+impl From<PreprocessError> for ApiError {
+    fn from(e: PreprocessError) -> Self {
+        match e {
+            PreprocessError::Empty => Self::MissingFile,
+            PreprocessError::UnsupportedFormat(m) => Self::UnsupportedMediaType(m),
+            PreprocessError::Undecodable(m) => Self::UndecodableImage(m),
+            PreprocessError::TooLarge {
+                width,
+                height,
+                limit,
+            } => Self::ImageTooLarge {
+                width,
+                height,
+                limit,
+            },
+        }
+    }
+}
+
+impl From<PipelineError> for ApiError {
+    fn from(e: PipelineError) -> Self {
+        match e {
+            PipelineError::Overloaded { .. } => Self::Overloaded(e.to_string()),
+            PipelineError::Unavailable { .. } => Self::Unavailable(e.to_string()),
+            PipelineError::Preprocess(p) => p.into(),
+            PipelineError::InferenceFailed { detail } => {
+                // Logged once, here; the client gets no internal detail.
+                tracing::error!(error = %detail, "inference failed");
+                Self::Internal
+            }
+        }
+    }
+}
+
+impl From<RepoError> for ApiError {
+    fn from(e: RepoError) -> Self {
+        let message = e.to_string();
+        match e {
+            RepoError::NotFound { .. } => Self::ModelNotFound(message),
+            RepoError::NoDefault { .. } => Self::ModelRequired(message),
+            RepoError::Unavailable { .. } => Self::Unavailable(message),
+            RepoError::LoadFailed { .. } => Self::ModelLoadFailed(message),
         }
     }
 }
@@ -141,7 +209,14 @@ mod tests {
                 413,
                 "payload_too_large",
             ),
-            (ApiError::Overloaded { capacity: 1 }, 503, "overloaded"),
+            (ApiError::Overloaded("x".into()), 503, "overloaded"),
+            (ApiError::ModelNotFound("x".into()), 404, "model_not_found"),
+            (ApiError::ModelRequired("x".into()), 400, "model_required"),
+            (
+                ApiError::ModelControlDisabled,
+                403,
+                "model_control_disabled",
+            ),
             (ApiError::Timeout { ms: 1 }, 504, "timeout"),
             (ApiError::NotFound("/x".into()), 404, "not_found"),
         ];
@@ -153,7 +228,7 @@ mod tests {
 
     #[test]
     fn overload_sets_retry_after() {
-        let r = ApiError::Overloaded { capacity: 4 }.into_response();
+        let r = ApiError::Overloaded("full".into()).into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
         let r = ApiError::MissingFile.into_response();

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match cli.command {
+    let code = match cli.command {
         Some(Command::Healthcheck(args)) => {
             let ok = runtime.block_on(tch_serve::healthcheck(
                 args.port,
@@ -31,7 +31,7 @@ fn main() -> ExitCode {
         }
         command => {
             let config = match command {
-                Some(Command::Serve(config)) => config,
+                Some(Command::Serve(config)) => *config,
                 _ => cli.serve,
             };
             tch_serve::telemetry::init_tracing(config.log_format);
@@ -44,5 +44,8 @@ fn main() -> ExitCode {
                 }
             }
         }
-    }
+    };
+    // The shutdown sequence is bounded already; nothing left on the runtime may hold the exit.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    code
 }

@@ -49,6 +49,30 @@ pub struct ModelMetadata {
     /// Where the weights came from.
     #[serde(default)]
     pub weights: Option<String>,
+    /// The quantization scheme (`int8`) of a quantized model, which runs only in the precision
+    /// it was quantized to; absent or `false` for a float model.
+    #[serde(
+        default,
+        deserialize_with = "quantized",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub quantized: Option<String>,
+}
+
+/// `"quantized"`: `false`/`null` (a float model), `true` (int8) or the scheme's name.
+fn quantized<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Q {
+        Flag(bool),
+        Scheme(String),
+    }
+    Ok(match Option::<Q>::deserialize(d)? {
+        None | Some(Q::Flag(false)) => None,
+        Some(Q::Flag(true)) => Some("int8".into()),
+        Some(Q::Scheme(s)) if s.is_empty() || s == "none" => None,
+        Some(Q::Scheme(s)) => Some(s),
+    })
 }
 
 impl ModelMetadata {
@@ -108,7 +132,23 @@ mod tests {
             (256, 224, "model.pt")
         );
         assert!(m.trained);
+        assert_eq!(m.quantized, None);
         m.validate().unwrap();
+    }
+
+    #[test]
+    fn quantized_flag_or_scheme() {
+        let q = |v: &str| {
+            serde_json::from_str::<ModelMetadata>(&format!(
+                r#"{{"name":"x","labels":["a"],"quantized":{v}}}"#
+            ))
+            .unwrap()
+            .quantized
+        };
+        assert_eq!(q("false"), None);
+        assert_eq!(q("null"), None);
+        assert_eq!(q("true").as_deref(), Some("int8"));
+        assert_eq!(q("\"int8\"").as_deref(), Some("int8"));
     }
 
     #[test]

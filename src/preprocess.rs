@@ -1,8 +1,10 @@
-//! Image bytes to the model's input: decode, resize the shorter side (antialiased bilinear),
-//! center-crop, scale to [0, 1] and normalise, exactly as torchvision's
-//! `Resize(resize) -> CenterCrop(crop) -> ToTensor() -> Normalize(mean, std)` does on a PIL image.
+//! Image bytes to the model's input pixels: decode, resize the shorter side (antialiased
+//! bilinear) and center-crop, exactly as torchvision's `Resize(resize) -> CenterCrop(crop)` does
+//! on a PIL image. Scaling to [0, 1] and normalising with the model's mean and std
+//! (`ToTensor() -> Normalize(mean, std)`) happen on the whole batch in the model
+//! ([`crate::model`]), so a queued image is 8-bit RGB: a quarter of the memory of floats.
 //!
-//! Pure functions with no I/O and no libtorch: the output is a plain `Vec<f32>` in HWC order
+//! Pure functions with no I/O and no libtorch: the output is a plain `Vec<u8>` in HWC order
 //! (the natural order of decoded pixels), which the model turns into NCHW or channels-last.
 
 use std::io::Cursor;
@@ -11,8 +13,20 @@ use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
 use image::{DynamicImage, ImageFormat, ImageReader, Limits};
 
-use crate::error::ApiError;
 use crate::metadata::ModelMetadata;
+
+/// Why an image could not be turned into the model's input. Each is the client's doing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PreprocessError {
+    #[error("the image is empty")]
+    Empty,
+    #[error("{0}")]
+    UnsupportedFormat(String),
+    #[error("the image could not be decoded: {0}")]
+    Undecodable(String),
+    #[error("image of {width}x{height} pixels exceeds the limit of {limit} pixels")]
+    TooLarge { width: u32, height: u32, limit: u64 },
+}
 
 /// The formats the server decodes; anything else is refused with 415.
 pub const SUPPORTED_FORMATS: [ImageFormat; 5] = [
@@ -23,82 +37,66 @@ pub const SUPPORTED_FORMATS: [ImageFormat; 5] = [
     ImageFormat::Gif,
 ];
 
-/// Geometry and normalisation of a model's input.
+/// Geometry of a model's input.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
     pub resize_size: u32,
     pub crop_size: u32,
     pub max_pixels: u64,
-    /// `lut[c][v]` = (v / 255 - mean[c]) / std[c], computed in f32 as torchvision does.
-    lut: [[f32; 256]; 3],
 }
 
-/// A preprocessed image: `crop_size * crop_size * 3` floats in HWC order.
+/// A preprocessed image: `crop_size * crop_size * 3` RGB bytes in HWC order.
 #[derive(Debug, Clone)]
 pub struct Preprocessed {
-    pub data: Vec<f32>,
+    pub pixels: Vec<u8>,
     pub width: u32,
     pub height: u32,
     pub format: &'static str,
 }
 
 impl Preprocessor {
-    pub fn new(
-        resize_size: u32,
-        crop_size: u32,
-        mean: [f32; 3],
-        std: [f32; 3],
-        max_pixels: u64,
-    ) -> Self {
-        let mut lut = [[0f32; 256]; 3];
-        for (c, table) in lut.iter_mut().enumerate() {
-            for (v, entry) in table.iter_mut().enumerate() {
-                *entry = (v as f32 / 255.0 - mean[c]) / std[c];
-            }
-        }
+    pub fn new(resize_size: u32, crop_size: u32, max_pixels: u64) -> Self {
         Self {
             resize_size,
             crop_size,
             max_pixels,
-            lut,
         }
     }
 
     pub fn for_model(meta: &ModelMetadata, max_pixels: u64) -> Self {
-        Self::new(
-            meta.resize_size,
-            meta.input_size,
-            meta.mean,
-            meta.std,
-            max_pixels,
-        )
+        Self::new(meta.resize_size, meta.input_size, max_pixels)
     }
 
-    /// Bytes of an encoded image to normalised HWC floats. Never panics: a decoder that panics
-    /// on hostile input (it happens) gives an `undecodable_image` error instead.
-    pub fn run(&self, bytes: &[u8]) -> Result<Preprocessed, ApiError> {
+    /// Bytes of an encoded image to the cropped HWC pixels. Never panics: a decoder that panics
+    /// on hostile input (it happens) gives an `Undecodable` error instead.
+    pub fn run(&self, bytes: &[u8]) -> Result<Preprocessed, PreprocessError> {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.run_unguarded(bytes)))
             .unwrap_or_else(|_| {
-                Err(ApiError::UndecodableImage(
+                Err(PreprocessError::Undecodable(
                     "the decoder failed on this image".into(),
                 ))
             })
     }
 
-    fn run_unguarded(&self, bytes: &[u8]) -> Result<Preprocessed, ApiError> {
+    fn run_unguarded(&self, bytes: &[u8]) -> Result<Preprocessed, PreprocessError> {
         let (rgb, format) = decode_rgb(bytes, self.max_pixels)?;
         let (width, height) = rgb.dimensions();
-        let data = self.from_rgb(rgb.as_raw(), width, height)?;
+        let pixels = self.crop_rgb(rgb.as_raw(), width, height)?;
         Ok(Preprocessed {
-            data,
+            pixels,
             width,
             height,
             format,
         })
     }
 
-    /// Interleaved RGB8 pixels to normalised HWC floats.
-    pub fn from_rgb(&self, rgb: &[u8], width: u32, height: u32) -> Result<Vec<f32>, ApiError> {
+    /// Interleaved RGB8 pixels to the resized, center-cropped HWC pixels.
+    pub fn crop_rgb(
+        &self,
+        rgb: &[u8],
+        width: u32,
+        height: u32,
+    ) -> Result<Vec<u8>, PreprocessError> {
         let crop = self.crop_size;
         let (new_w, new_h) = resized_size(width, height, self.resize_size);
         let left = center_crop_offset(new_w, crop);
@@ -110,7 +108,7 @@ impl Preprocessor {
         let sx = width as f64 / new_w as f64;
         let sy = height as f64 / new_h as f64;
         let src = ImageRef::new(width, height, rgb, PixelType::U8x3)
-            .map_err(|e| ApiError::UndecodableImage(e.to_string()))?;
+            .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
         let mut dst = Image::new(crop, crop, PixelType::U8x3);
         let options = ResizeOptions::new()
             .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
@@ -122,19 +120,19 @@ impl Preprocessor {
             );
         Resizer::new()
             .resize(&src, &mut dst, &options)
-            .map_err(|e| ApiError::UndecodableImage(e.to_string()))?;
-        Ok(self.normalize(dst.buffer()))
+            .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
+        Ok(dst.into_vec())
     }
+}
 
-    fn normalize(&self, pixels: &[u8]) -> Vec<f32> {
-        let mut out = Vec::with_capacity(pixels.len());
-        for px in pixels.chunks_exact(3) {
-            out.push(self.lut[0][px[0] as usize]);
-            out.push(self.lut[1][px[1] as usize]);
-            out.push(self.lut[2][px[2] as usize]);
-        }
-        out
-    }
+/// HWC RGB bytes to normalised HWC floats, `(v / 255 - mean[c]) / std[c]` in f32 as
+/// torchvision's `ToTensor()` then `Normalize(mean, std)` compute it. The model does the same
+/// on the batch; this is for clients of the library that want the floats themselves.
+pub fn normalize(pixels: &[u8], mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
+    pixels
+        .chunks_exact(3)
+        .flat_map(|px| (0..3).map(move |c| (f32::from(px[c]) / 255.0 - mean[c]) / std[c]))
+        .collect()
 }
 
 /// Sniffs the format from the magic bytes, checks the declared dimensions against `max_pixels`
@@ -143,25 +141,25 @@ impl Preprocessor {
 pub fn decode_rgb(
     bytes: &[u8],
     max_pixels: u64,
-) -> Result<(image::RgbImage, &'static str), ApiError> {
+) -> Result<(image::RgbImage, &'static str), PreprocessError> {
     if bytes.is_empty() {
-        return Err(ApiError::MissingFile);
+        return Err(PreprocessError::Empty);
     }
     let format = sniff_format(bytes)?;
     let (width, height) = reader(bytes, format, Limits::default())
         .into_dimensions()
-        .map_err(|e| ApiError::UndecodableImage(e.to_string()))?;
+        .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
     if width == 0 || height == 0 {
-        return Err(ApiError::UndecodableImage("image has no pixels".into()));
+        return Err(PreprocessError::Undecodable("image has no pixels".into()));
     }
     if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
         // The JPEG decoder fills a truncated scan with grey; PIL refuses such files, and so do we.
-        return Err(ApiError::UndecodableImage(
+        return Err(PreprocessError::Undecodable(
             "truncated JPEG: no end-of-image marker after the last scan".into(),
         ));
     }
     if u64::from(width) * u64::from(height) > max_pixels {
-        return Err(ApiError::ImageTooLarge {
+        return Err(PreprocessError::TooLarge {
             width,
             height,
             limit: max_pixels,
@@ -174,7 +172,7 @@ pub fn decode_rgb(
     limits.max_alloc = Some(u64::from(width) * u64::from(height) * 8 + (16 << 20));
     let decoded = reader(bytes, format, limits)
         .decode()
-        .map_err(|e| ApiError::UndecodableImage(e.to_string()))?;
+        .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
     let rgb = match decoded {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
@@ -198,14 +196,14 @@ fn reader(bytes: &[u8], format: ImageFormat, limits: Limits) -> ImageReader<Curs
 }
 
 /// The image format named by the content's magic bytes (never by a client's Content-Type).
-pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, ApiError> {
+pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
     match image::guess_format(bytes) {
         Ok(f) if SUPPORTED_FORMATS.contains(&f) => Ok(f),
-        Ok(f) => Err(ApiError::UnsupportedMediaType(format!(
+        Ok(f) => Err(PreprocessError::UnsupportedFormat(format!(
             "{} images are not supported; send JPEG, PNG, WebP, BMP or GIF",
             f.extensions_str().first().unwrap_or(&"this kind of")
         ))),
-        Err(_) => Err(ApiError::UnsupportedMediaType(
+        Err(_) => Err(PreprocessError::UnsupportedFormat(
             "not a recognised image (JPEG, PNG, WebP, BMP or GIF)".into(),
         )),
     }
@@ -259,7 +257,7 @@ mod tests {
     const STD: [f32; 3] = [0.229, 0.224, 0.225];
 
     fn pre() -> Preprocessor {
-        Preprocessor::new(256, 224, MEAN, STD, 50_000_000)
+        Preprocessor::new(256, 224, 50_000_000)
     }
 
     fn encode(img: &DynamicImage, format: ImageFormat) -> Vec<u8> {
@@ -302,7 +300,7 @@ mod tests {
         let p = pre();
         for (w, h) in [(640, 480), (333, 517), (224, 224), (1000, 300), (257, 256)] {
             let img = gradient(w, h).to_rgb8();
-            let fast = p.from_rgb(img.as_raw(), w, h).unwrap();
+            let fast = p.crop_rgb(img.as_raw(), w, h).unwrap();
             // Reference: resize the whole image, then crop.
             let (nw, nh) = resized_size(w, h, 256);
             let src = ImageRef::new(w, h, img.as_raw(), PixelType::U8x3).unwrap();
@@ -320,14 +318,13 @@ mod tests {
                 let row = (y * nw + l) as usize * 3;
                 cropped.extend_from_slice(&full.buffer()[row..row + 224 * 3]);
             }
-            let reference = p.normalize(&cropped);
-            let step = 1.0 / 255.0 / 0.224 + 1e-6;
             let worst = fast
                 .iter()
-                .zip(&reference)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0f32, f32::max);
-            assert!(worst <= step, "{w}x{h}: differs by {worst}");
+                .zip(&cropped)
+                .map(|(a, b)| a.abs_diff(*b))
+                .max()
+                .unwrap();
+            assert!(worst <= 1, "{w}x{h}: differs by {worst} levels");
         }
     }
 
@@ -337,11 +334,18 @@ mod tests {
         let white =
             DynamicImage::ImageRgb8(ImageBuffer::from_pixel(300, 300, Rgb([255, 255, 255])));
         let out = p.run(&encode(&white, ImageFormat::Png)).unwrap();
-        assert_eq!(out.data.len(), 224 * 224 * 3);
+        assert_eq!(out.pixels.len(), 224 * 224 * 3);
+        assert!(out.pixels.iter().all(|&v| v == 255));
+        let floats = normalize(&out.pixels, MEAN, STD);
+        assert_eq!(floats.len(), out.pixels.len());
         for c in 0..3 {
             let expect = (1.0 - MEAN[c]) / STD[c];
-            assert!((out.data[c] - expect).abs() < 1e-6);
-            assert!((out.data[out.data.len() - 3 + c] - expect).abs() < 1e-6);
+            assert!((floats[c] - expect).abs() < 1e-6);
+            assert!((floats[floats.len() - 3 + c] - expect).abs() < 1e-6);
+        }
+        let black = normalize(&[0, 0, 0], MEAN, STD);
+        for c in 0..3 {
+            assert!((black[c] + MEAN[c] / STD[c]).abs() < 1e-6);
         }
     }
 
@@ -383,31 +387,31 @@ mod tests {
     #[test]
     fn rejects_bad_input_with_the_right_error() {
         let p = pre();
-        assert!(matches!(p.run(b""), Err(ApiError::MissingFile)));
+        assert!(matches!(p.run(b""), Err(PreprocessError::Empty)));
         assert!(matches!(
             p.run(b"hello world, not an image"),
-            Err(ApiError::UnsupportedMediaType(_))
+            Err(PreprocessError::UnsupportedFormat(_))
         ));
         // A TIFF header: a real format, but not one we serve.
         assert!(matches!(
             p.run(b"II*\0\x08\0\0\0"),
-            Err(ApiError::UnsupportedMediaType(_))
+            Err(PreprocessError::UnsupportedFormat(_))
         ));
         let png = encode(&gradient(64, 64), ImageFormat::Png);
         assert!(matches!(
             p.run(&png[..png.len() / 2]),
-            Err(ApiError::UndecodableImage(_))
+            Err(PreprocessError::Undecodable(_))
         ));
         assert!(matches!(
             p.run(&png[..20]),
-            Err(ApiError::UndecodableImage(_))
+            Err(PreprocessError::Undecodable(_))
         ));
         let jpeg = encode(&gradient(64, 64), ImageFormat::Jpeg);
         assert!(jpeg_is_complete(&jpeg));
         for cut in [jpeg.len() / 3, jpeg.len() / 2, jpeg.len() - 1] {
             assert!(!jpeg_is_complete(&jpeg[..cut]));
             assert!(
-                matches!(p.run(&jpeg[..cut]), Err(ApiError::UndecodableImage(_))),
+                matches!(p.run(&jpeg[..cut]), Err(PreprocessError::Undecodable(_))),
                 "cut at {cut}"
             );
         }
@@ -419,10 +423,10 @@ mod tests {
 
     #[test]
     fn declared_dimensions_are_checked_before_decoding() {
-        let small = Preprocessor::new(256, 224, MEAN, STD, 100 * 100);
+        let small = Preprocessor::new(256, 224, 100 * 100);
         let img = encode(&gradient(101, 100), ImageFormat::Png);
         match small.run(&img) {
-            Err(ApiError::ImageTooLarge { width, height, .. }) => {
+            Err(PreprocessError::TooLarge { width, height, .. }) => {
                 assert_eq!((width, height), (101, 100))
             }
             other => panic!("expected ImageTooLarge, got {other:?}"),
@@ -435,7 +439,7 @@ mod tests {
         let crc = crc32fast::hash(&bomb[12..29]);
         bomb[29..33].copy_from_slice(&crc.to_be_bytes());
         match pre().run(&bomb) {
-            Err(ApiError::ImageTooLarge { width, height, .. }) => {
+            Err(PreprocessError::TooLarge { width, height, .. }) => {
                 assert_eq!((width, height), (100_000, 100_000))
             }
             other => panic!("expected ImageTooLarge, got {other:?}"),
@@ -447,10 +451,10 @@ mod tests {
         let out = pre()
             .run(&encode(&gradient(1, 1), ImageFormat::Png))
             .unwrap();
-        assert_eq!(out.data.len(), 224 * 224 * 3);
+        assert_eq!(out.pixels.len(), 224 * 224 * 3);
         let out = pre()
             .run(&encode(&gradient(3, 500), ImageFormat::Png))
             .unwrap();
-        assert_eq!(out.data.len(), 224 * 224 * 3);
+        assert_eq!(out.pixels.len(), 224 * 224 * 3);
     }
 }

@@ -1,10 +1,12 @@
 //! The tracing subscriber and the Prometheus registry.
 //!
 //! Metric names follow Prometheus conventions: a `tch_serve_` prefix, base units in the name,
-//! `_total` on counters, labels of bounded cardinality (route templates, never raw URIs).
+//! `_total` on counters, labels of bounded cardinality (route templates, never raw URIs; model
+//! names only from the repository, never from a client).
 
+use prometheus::core::Collector;
 use prometheus::{
-    Encoder, Gauge, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tracing_subscriber::EnvFilter;
@@ -33,11 +35,41 @@ const LATENCY_BUCKETS: &[f64] = &[
     10.0, 30.0,
 ];
 
+/// The states a model can be in, as `tch_serve_model_state{state}` and `/models` name them.
+pub const MODEL_STATES: [&str; 5] = ["loading", "ready", "failed", "unloading", "unavailable"];
+
 /// Every metric the server exports, on one registry.
 pub struct Metrics {
     pub registry: Registry,
     pub requests: IntCounterVec,
     pub request_duration: HistogramVec,
+    pub request_processing: HistogramVec,
+    pub rejections: IntCounterVec,
+    pub ready: IntGauge,
+    pub build_info: IntGaugeVec,
+    pub connections_open: IntGauge,
+    pub connections: IntCounter,
+    pub connections_refused: IntCounterVec,
+    // Per model (label `model`).
+    queue_wait: HistogramVec,
+    preprocess_duration: HistogramVec,
+    inference_duration: HistogramVec,
+    batch_size: HistogramVec,
+    queue_depth: IntGaugeVec,
+    inflight_images: IntGaugeVec,
+    queue_capacity: IntGaugeVec,
+    images: IntCounterVec,
+    cancelled_images: IntCounterVec,
+    inference_failures: IntCounterVec,
+    load_seconds: GaugeVec,
+    warmup_seconds: GaugeVec,
+    model_state: IntGaugeVec,
+    model_info: IntGaugeVec,
+}
+
+/// One model's series, bound to its label once.
+#[derive(Clone)]
+pub struct ModelMetrics {
     pub queue_wait: Histogram,
     pub preprocess_duration: Histogram,
     pub inference_duration: Histogram,
@@ -45,161 +77,261 @@ pub struct Metrics {
     pub queue_depth: IntGauge,
     pub inflight_images: IntGauge,
     pub queue_capacity: IntGauge,
-    pub rejections: IntCounterVec,
     pub images: IntCounter,
     pub cancelled_images: IntCounter,
-    pub model_load_seconds: Gauge,
-    pub warmup_seconds: Gauge,
-    pub ready: IntGauge,
-    pub build_info: IntGaugeVec,
+    pub inference_failures: IntCounter,
+    pub load_seconds: prometheus::Gauge,
+    pub warmup_seconds: prometheus::Gauge,
+}
+
+fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
+    HistogramVec::new(
+        HistogramOpts::new(name, help).buckets(buckets.to_vec()),
+        labels,
+    )
+    .expect("valid histogram")
+}
+
+fn counter(name: &str, help: &str, labels: &[&str]) -> IntCounterVec {
+    IntCounterVec::new(Opts::new(name, help), labels).expect("valid counter")
+}
+
+fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
+    IntGaugeVec::new(Opts::new(name, help), labels).expect("valid gauge")
 }
 
 impl Metrics {
     pub fn new() -> Self {
-        let registry = Registry::new();
-        let requests = IntCounterVec::new(
-            Opts::new(
+        let m = Self {
+            registry: Registry::new(),
+            requests: counter(
                 "tch_serve_requests_total",
-                "HTTP requests answered, by route template, method and status code.",
+                "HTTP requests answered, by route template, method and status code (499: the client went away first).",
+                &["route", "method", "status"],
             ),
-            &["route", "method", "status"],
-        )
-        .unwrap();
-        let request_duration = HistogramVec::new(
-            HistogramOpts::new(
+            request_duration: histogram(
                 "tch_serve_request_duration_seconds",
-                "Time from a request's arrival to its response, by route template.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-            &["route"],
-        )
-        .unwrap();
-        let queue_wait = Histogram::with_opts(
-            HistogramOpts::new(
-                "tch_serve_queue_wait_seconds",
-                "Time an image waited in the inference queue before its batch started.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap();
-        let preprocess_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "tch_serve_preprocess_duration_seconds",
-                "Time to decode, resize and normalise one image.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap();
-        let inference_duration = Histogram::with_opts(
-            HistogramOpts::new(
-                "tch_serve_inference_duration_seconds",
-                "Time of one batched forward pass, softmax included.",
-            )
-            .buckets(LATENCY_BUCKETS.to_vec()),
-        )
-        .unwrap();
-        let batch_size = Histogram::with_opts(
-            HistogramOpts::new("tch_serve_batch_size", "Images per forward pass.").buckets(vec![
-                1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0,
-            ]),
-        )
-        .unwrap();
-        let queue_depth = IntGauge::new(
-            "tch_serve_queue_depth",
-            "Images waiting in the inference queue.",
-        )
-        .unwrap();
-        let inflight_images = IntGauge::new(
-            "tch_serve_inflight_images",
-            "Images admitted and not yet answered (decoding, queued or in a forward pass).",
-        )
-        .unwrap();
-        let queue_capacity = IntGauge::new(
-            "tch_serve_queue_capacity",
-            "Most images admitted at once (--queue-capacity); beyond it requests get 503.",
-        )
-        .unwrap();
-        let rejections = IntCounterVec::new(
-            Opts::new(
+                "Time from a request's arrival to its response, upload included, by route template.",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            request_processing: histogram(
+                "tch_serve_request_processing_seconds",
+                "Time from the end of a request's body to its response (the server's own time), by route template.",
+                &["route"],
+                LATENCY_BUCKETS,
+            ),
+            rejections: counter(
                 "tch_serve_rejections_total",
-                "Requests refused, by reason (the error code).",
+                "Requests refused or failed, by model (empty when none was resolved) and reason (the error code).",
+                &["model", "reason"],
             ),
-            &["reason"],
-        )
-        .unwrap();
-        let images = IntCounter::new("tch_serve_images_total", "Images classified.").unwrap();
-        let cancelled_images = IntCounter::new(
-            "tch_serve_cancelled_images_total",
-            "Queued images dropped before inference because their request had ended (timeout or disconnect).",
-        )
-        .unwrap();
-        let model_load_seconds = Gauge::new(
-            "tch_serve_model_load_seconds",
-            "Time to load the model at start-up.",
-        )
-        .unwrap();
-        let warmup_seconds = Gauge::new(
-            "tch_serve_warmup_seconds",
-            "Time of the warm-up passes at start-up.",
-        )
-        .unwrap();
-        let ready = IntGauge::new(
-            "tch_serve_ready",
-            "1 when the model is loaded and warmed and the server is not shutting down.",
-        )
-        .unwrap();
-        let build_info = IntGaugeVec::new(
-            Opts::new(
+            ready: IntGauge::new(
+                "tch_serve_ready",
+                "1 when every model that should be loaded is ready and the server is not shutting down.",
+            )
+            .expect("valid gauge"),
+            build_info: gauge(
                 "tch_serve_build_info",
-                "Always 1; labels describe the build and the model.",
+                "Always 1; labels describe the build and the CPU features that matter to inference.",
+                &["version", "libtorch", "cpu_features"],
             ),
-            &["version", "libtorch", "device", "precision", "model"],
-        )
-        .unwrap();
-        for c in [
-            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(request_duration.clone()),
-            Box::new(queue_wait.clone()),
-            Box::new(preprocess_duration.clone()),
-            Box::new(inference_duration.clone()),
-            Box::new(batch_size.clone()),
-            Box::new(queue_depth.clone()),
-            Box::new(inflight_images.clone()),
-            Box::new(queue_capacity.clone()),
-            Box::new(rejections.clone()),
-            Box::new(images.clone()),
-            Box::new(cancelled_images.clone()),
-            Box::new(model_load_seconds.clone()),
-            Box::new(warmup_seconds.clone()),
-            Box::new(ready.clone()),
-            Box::new(build_info.clone()),
-        ] {
-            registry.register(c).expect("metric names are unique");
+            connections_open: IntGauge::new(
+                "tch_serve_connections_open",
+                "Client connections open now.",
+            )
+            .expect("valid gauge"),
+            connections: IntCounter::new(
+                "tch_serve_connections_total",
+                "Client connections accepted.",
+            )
+            .expect("valid counter"),
+            connections_refused: counter(
+                "tch_serve_connections_refused_total",
+                "Client connections closed at once or early, by reason.",
+                &["reason"],
+            ),
+            queue_wait: histogram(
+                "tch_serve_queue_wait_seconds",
+                "Time an image waited in its model's queue before its batch started.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            preprocess_duration: histogram(
+                "tch_serve_preprocess_duration_seconds",
+                "Time to decode, resize and crop one image.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            inference_duration: histogram(
+                "tch_serve_inference_duration_seconds",
+                "Time of one batched forward pass, normalisation and softmax included.",
+                &["model"],
+                LATENCY_BUCKETS,
+            ),
+            batch_size: histogram(
+                "tch_serve_batch_size",
+                "Images per forward pass.",
+                &["model"],
+                &[1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0, 64.0],
+            ),
+            queue_depth: gauge(
+                "tch_serve_queue_depth",
+                "Images decoded and waiting for their model's forward pass.",
+                &["model"],
+            ),
+            inflight_images: gauge(
+                "tch_serve_inflight_images",
+                "Images holding a place in their model's pipeline: being decoded, queued or in a forward pass.",
+                &["model"],
+            ),
+            queue_capacity: gauge(
+                "tch_serve_queue_capacity",
+                "Places in the model's pipeline (queue_capacity); beyond it requests get 503.",
+                &["model"],
+            ),
+            images: counter(
+                "tch_serve_images_total",
+                "Images classified.",
+                &["model"],
+            ),
+            cancelled_images: counter(
+                "tch_serve_cancelled_images_total",
+                "Images dropped before decoding or before their forward pass because their request had ended (timeout or disconnect).",
+                &["model"],
+            ),
+            inference_failures: counter(
+                "tch_serve_inference_failures_total",
+                "Forward passes that failed (every image in them got a 500).",
+                &["model"],
+            ),
+            load_seconds: GaugeVec::new(
+                Opts::new(
+                    "tch_serve_model_load_seconds",
+                    "Time to load the served version of the model.",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge"),
+            warmup_seconds: GaugeVec::new(
+                Opts::new(
+                    "tch_serve_model_warmup_seconds",
+                    "Time of the warm-up passes of the served version of the model.",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge"),
+            model_state: gauge(
+                "tch_serve_model_state",
+                "1 for the model's current state (loading, ready, failed, unloading, unavailable), 0 for the others.",
+                &["model", "state"],
+            ),
+            model_info: gauge(
+                "tch_serve_model_info",
+                "Always 1 for the version being served; labels describe it.",
+                &["model", "version", "device", "precision", "trained"],
+            ),
+        };
+        let collectors: Vec<Box<dyn Collector>> = vec![
+            Box::new(m.requests.clone()),
+            Box::new(m.request_duration.clone()),
+            Box::new(m.request_processing.clone()),
+            Box::new(m.rejections.clone()),
+            Box::new(m.ready.clone()),
+            Box::new(m.build_info.clone()),
+            Box::new(m.connections_open.clone()),
+            Box::new(m.connections.clone()),
+            Box::new(m.connections_refused.clone()),
+            Box::new(m.queue_wait.clone()),
+            Box::new(m.preprocess_duration.clone()),
+            Box::new(m.inference_duration.clone()),
+            Box::new(m.batch_size.clone()),
+            Box::new(m.queue_depth.clone()),
+            Box::new(m.inflight_images.clone()),
+            Box::new(m.queue_capacity.clone()),
+            Box::new(m.images.clone()),
+            Box::new(m.cancelled_images.clone()),
+            Box::new(m.inference_failures.clone()),
+            Box::new(m.load_seconds.clone()),
+            Box::new(m.warmup_seconds.clone()),
+            Box::new(m.model_state.clone()),
+            Box::new(m.model_info.clone()),
+        ];
+        for c in collectors {
+            m.registry.register(c).expect("metric names are unique");
         }
         #[cfg(target_os = "linux")]
-        registry
+        m.registry
             .register(Box::new(
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("process collector registers once per registry");
-        Self {
-            registry,
-            requests,
-            request_duration,
-            queue_wait,
-            preprocess_duration,
-            inference_duration,
-            batch_size,
-            queue_depth,
-            inflight_images,
-            queue_capacity,
-            rejections,
-            images,
-            cancelled_images,
-            model_load_seconds,
-            warmup_seconds,
-            ready,
-            build_info,
+        m
+    }
+
+    /// The series of one model.
+    pub fn model(&self, name: &str) -> ModelMetrics {
+        let l = &[name];
+        ModelMetrics {
+            queue_wait: self.queue_wait.with_label_values(l),
+            preprocess_duration: self.preprocess_duration.with_label_values(l),
+            inference_duration: self.inference_duration.with_label_values(l),
+            batch_size: self.batch_size.with_label_values(l),
+            queue_depth: self.queue_depth.with_label_values(l),
+            inflight_images: self.inflight_images.with_label_values(l),
+            queue_capacity: self.queue_capacity.with_label_values(l),
+            images: self.images.with_label_values(l),
+            cancelled_images: self.cancelled_images.with_label_values(l),
+            inference_failures: self.inference_failures.with_label_values(l),
+            load_seconds: self.load_seconds.with_label_values(l),
+            warmup_seconds: self.warmup_seconds.with_label_values(l),
+        }
+    }
+
+    /// Sets the model's state series: 1 for `state`, 0 for the others.
+    pub fn set_model_state(&self, model: &str, state: &str) {
+        for s in MODEL_STATES {
+            self.model_state
+                .with_label_values(&[model, s])
+                .set(i64::from(s == state));
+        }
+    }
+
+    /// Describes the version being served (replacing what described the previous one).
+    pub fn set_model_info(&self, model: &str, info: Option<[&str; 4]>) {
+        let stale: Vec<Vec<String>> = self
+            .model_info
+            .collect()
+            .iter()
+            .flat_map(|f| f.get_metric().iter())
+            .map(|m| {
+                m.get_label()
+                    .iter()
+                    .map(|l| (l.name().to_owned(), l.value().to_owned()))
+                    .collect::<Vec<_>>()
+            })
+            .filter(|labels| labels.iter().any(|(n, v)| n == "model" && v == model))
+            .map(|labels| {
+                ["model", "version", "device", "precision", "trained"]
+                    .iter()
+                    .map(|name| {
+                        labels
+                            .iter()
+                            .find(|(n, _)| n == name)
+                            .map(|(_, v)| v.clone())
+                            .unwrap_or_default()
+                    })
+                    .collect()
+            })
+            .collect();
+        for labels in stale {
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            let _ = self.model_info.remove_label_values(&refs);
+        }
+        if let Some([version, device, precision, trained]) = info {
+            self.model_info
+                .with_label_values(&[model, version, device, precision, trained])
+                .set(1);
         }
     }
 
@@ -229,10 +361,13 @@ mod tests {
         m.requests
             .with_label_values(&["/predict", "POST", "200"])
             .inc();
-        m.rejections.with_label_values(&["overloaded"]).inc();
+        m.rejections
+            .with_label_values(&["resnet18", "overloaded"])
+            .inc();
         m.request_duration
             .with_label_values(&["/predict"])
             .observe(0.01);
+        m.model("resnet18").images.inc();
         let text = m.render();
         for family in m.registry.gather() {
             let name = family.name();
@@ -247,6 +382,28 @@ mod tests {
         assert!(text.contains(
             "tch_serve_requests_total{method=\"POST\",route=\"/predict\",status=\"200\"} 1"
         ));
-        assert!(text.contains("tch_serve_request_duration_seconds_bucket"));
+        assert!(text.contains("tch_serve_images_total{model=\"resnet18\"} 1"));
+    }
+
+    #[test]
+    fn one_state_and_one_info_series_per_model() {
+        let m = Metrics::new();
+        m.set_model_state("a", "loading");
+        m.set_model_state("a", "ready");
+        let text = m.render();
+        assert!(text.contains("tch_serve_model_state{model=\"a\",state=\"ready\"} 1"));
+        assert!(text.contains("tch_serve_model_state{model=\"a\",state=\"loading\"} 0"));
+        m.set_model_info("a", Some(["1", "cpu", "fp32", "true"]));
+        m.set_model_info("a", Some(["2", "cpu", "fp32", "true"]));
+        m.set_model_info("b", Some(["1", "cpu", "bf16", "false"]));
+        let text = m.render();
+        assert!(text.contains("version=\"2\""), "{text}");
+        assert!(!text.contains("model=\"a\",precision=\"fp32\",trained=\"true\",version=\"1\""));
+        assert!(text.contains("model=\"b\""));
+        m.set_model_info("a", None);
+        assert!(
+            !m.render()
+                .contains("tch_serve_model_info{device=\"cpu\",model=\"a\"")
+        );
     }
 }

@@ -29,6 +29,7 @@ use image::{DynamicImage, ImageBuffer, ImageFormat};
 use proptest::prelude::*;
 use proptest::sample::Index;
 use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use tch_serve::error::ApiError;
 use tch_serve::preprocess::Preprocessor;
 
 const SEEDS: [(&str, &[u8]); 9] = [
@@ -74,13 +75,7 @@ const MAX_PIXELS: u64 = 4_000_000;
 const OUT_LEN: usize = 224 * 224 * 3;
 
 fn preprocessor() -> Preprocessor {
-    Preprocessor::new(
-        256,
-        224,
-        [0.485, 0.456, 0.406],
-        [0.229, 0.224, 0.225],
-        MAX_PIXELS,
-    )
+    Preprocessor::new(256, 224, MAX_PIXELS)
 }
 
 /// `PROPTEST_CASES` when set, else this property's default.
@@ -146,13 +141,13 @@ fn fuzz<S: Strategy>(
 fn preprocess_property(pre: &Preprocessor, bytes: &[u8]) -> Result<&'static str, TestCaseError> {
     match pre.run(bytes) {
         Ok(out) => {
-            prop_assert_eq!(out.data.len(), OUT_LEN);
-            prop_assert!(out.data.iter().all(|v| v.is_finite()), "non-finite output");
+            prop_assert_eq!(out.pixels.len(), OUT_LEN);
             prop_assert!(out.width > 0 && out.height > 0);
             prop_assert!(u64::from(out.width) * u64::from(out.height) <= MAX_PIXELS);
             Ok("ok")
         }
         Err(e) => {
+            let e = ApiError::from(e);
             prop_assert!(
                 e.status().is_client_error(),
                 "{e:?} answered {}",
@@ -477,7 +472,7 @@ fn fuzz_mutated_seed_corpus() {
         let out = pre
             .run(bytes)
             .unwrap_or_else(|e| panic!("seed {name}: {e}"));
-        assert_eq!(out.data.len(), OUT_LEN, "{name}");
+        assert_eq!(out.pixels.len(), OUT_LEN, "{name}");
     }
     fuzz(
         "mutated seeds",
@@ -499,8 +494,7 @@ fn fuzz_valid_small_images_decode() {
             .run(&bytes)
             .map_err(|e| TestCaseError::fail(format!("a valid image was refused: {e}")))?;
         prop_assert_eq!((out.width, out.height), (spec.width, spec.height));
-        prop_assert_eq!(out.data.len(), OUT_LEN);
-        prop_assert!(out.data.iter().all(|v| v.is_finite()));
+        prop_assert_eq!(out.pixels.len(), OUT_LEN);
         Ok(out.format)
     });
 }
@@ -525,7 +519,7 @@ fn fuzz_top_k_ranking() {
         (probs, 0usize..200, 0usize..64),
         |(probs, k, n_labels)| {
             let labels: Vec<String> = (0..n_labels).map(|i| format!("l{i}")).collect();
-            let top = tch_serve::http::top_k(&probs, k, &labels);
+            let top = tch_serve::api::top_k(&probs, k, &labels);
             prop_assert_eq!(top.len(), k.min(probs.len()));
             let mut seen = std::collections::HashSet::new();
             for p in &top {
@@ -803,8 +797,11 @@ fn regression_png_palette_length_not_a_multiple_of_three() {
     ] {
         let png = png_with_plte(len);
         match std::panic::catch_unwind(|| pre.run(&png)) {
-            Ok(Ok(out)) => assert_eq!(out.data.len(), OUT_LEN, "PLTE of {len} bytes"),
-            Ok(Err(e)) => assert!(e.status().is_client_error(), "PLTE of {len} bytes: {e:?}"),
+            Ok(Ok(out)) => assert_eq!(out.pixels.len(), OUT_LEN, "PLTE of {len} bytes"),
+            Ok(Err(e)) => assert!(
+                ApiError::from(e.clone()).status().is_client_error(),
+                "PLTE of {len} bytes: {e:?}"
+            ),
             Err(_) => panicked.push(len),
         }
     }

@@ -1,9 +1,10 @@
 //! The HTTP layer through the router in-process, on the fake classifier; a few tests bind a
-//! real socket for concurrency, timeouts and shutdown.
+//! real socket for concurrency, timeouts and shutdown. Tests wait on events (a gate the fake
+//! model's forward passes stop at, a metric reaching a value), never on a sleep.
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
@@ -277,20 +278,25 @@ async fn bad_input_gets_a_json_error_with_the_right_status() {
     assert_eq!(resp.status(), 200);
     let metrics = server.state.metrics.render();
     assert!(
-        metrics.contains("tch_serve_rejections_total{reason=\"unsupported_media_type\"} 3"),
+        metrics.contains(
+            "tch_serve_rejections_total{model=\"fake\",reason=\"unsupported_media_type\"} 3"
+        ),
         "{metrics}"
     );
 }
 
 #[tokio::test]
 async fn health_is_503_until_the_model_is_warm_and_live_is_always_200() {
-    let mut server = tch_serve::start(
-        config(&[]),
-        &fake_meta(10),
-        "cpu".into(),
-        fake_factory(10, Duration::from_millis(300)),
-    )
-    .unwrap();
+    let loading = Gate::default();
+    let backend = FakeBackend::with(
+        "fake",
+        Behaviour {
+            load_gate: Some(loading.clone()),
+            ..Default::default()
+        },
+    );
+    let (mut server, _root) = start_fake(&[], backend);
+    loading.wait_arrived(1).await;
     let (resp, body) = send(
         &server,
         Request::get("/health").body(Body::empty()).unwrap(),
@@ -299,10 +305,16 @@ async fn health_is_503_until_the_model_is_warm_and_live_is_always_200() {
     assert_eq!(resp.status(), 503, "{body}");
     assert_eq!(body["status"], "starting");
     assert_eq!(body["code"], "unavailable");
+    assert!(body["reason"].as_str().unwrap().contains("fake"), "{body}");
     let (resp, _) = send(&server, Request::get("/live").body(Body::empty()).unwrap()).await;
     assert_eq!(resp.status(), 200);
     let (resp, body) = send(&server, predict_raw("/predict", "image/png", png(1))).await;
     assert_error(&resp, &body, 503, "unavailable");
+    assert!(
+        body["error"].as_str().unwrap().contains("loading"),
+        "{body}"
+    );
+    loading.open();
     server.wait_ready().await.unwrap();
     let (resp, body) = send(
         &server,
@@ -314,6 +326,8 @@ async fn health_is_503_until_the_model_is_warm_and_live_is_always_200() {
     assert_eq!(body["model"], "fake");
     assert_eq!(body["device"], "cpu");
     assert_eq!(body["trained"], false);
+    assert_eq!(body["models"][0]["state"], "ready");
+    assert!(body["cpu_features"].is_array());
 }
 
 #[tokio::test]
@@ -330,16 +344,21 @@ async fn metrics_expose_every_stage() {
     for name in [
         "tch_serve_requests_total{method=\"POST\",route=\"/predict\",status=\"200\"} 1",
         "tch_serve_request_duration_seconds_bucket{route=\"/predict\"",
-        "tch_serve_queue_wait_seconds_count 1",
-        "tch_serve_preprocess_duration_seconds_count 1",
-        "tch_serve_inference_duration_seconds_count",
-        "tch_serve_batch_size_count",
-        "tch_serve_queue_depth 0",
-        "tch_serve_inflight_images 0",
-        "tch_serve_queue_capacity 32",
-        "tch_serve_model_load_seconds",
-        "tch_serve_images_total 1",
-        "tch_serve_build_info{device=\"cpu\"",
+        "tch_serve_request_processing_seconds_bucket{route=\"/predict\"",
+        "tch_serve_queue_wait_seconds_count{model=\"fake\"} 1",
+        "tch_serve_preprocess_duration_seconds_count{model=\"fake\"} 1",
+        "tch_serve_inference_duration_seconds_count{model=\"fake\"}",
+        "tch_serve_batch_size_count{model=\"fake\"}",
+        "tch_serve_queue_depth{model=\"fake\"} 0",
+        "tch_serve_inflight_images{model=\"fake\"} 0",
+        "tch_serve_queue_capacity{model=\"fake\"} 32",
+        "tch_serve_model_load_seconds{model=\"fake\"}",
+        "tch_serve_images_total{model=\"fake\"} 1",
+        "tch_serve_model_state{model=\"fake\",state=\"ready\"} 1",
+        "tch_serve_model_info{device=\"cpu\",model=\"fake\",precision=\"fp32\",trained=\"false\",version=\"1\"} 1",
+        "tch_serve_ready 1",
+        "tch_serve_build_info{cpu_features=",
+        "tch_serve_connections_open",
         "process_resident_memory_bytes",
         "process_open_fds",
         "process_cpu_seconds_total",
@@ -387,7 +406,16 @@ async fn openapi_describes_the_api() {
     .await;
     assert_eq!(resp.status(), 200);
     assert!(body["openapi"].as_str().unwrap().starts_with("3."));
-    for path in ["/predict", "/health", "/live", "/metrics"] {
+    for path in [
+        "/predict",
+        "/models/{name}/predict",
+        "/models",
+        "/models/{name}",
+        "/models/{name}/load",
+        "/health",
+        "/live",
+        "/metrics",
+    ] {
         assert!(body["paths"][path].is_object(), "{path} missing");
     }
     assert!(body["paths"]["/predict"]["post"]["responses"]["503"].is_object());
@@ -396,10 +424,24 @@ async fn openapi_describes_the_api() {
 
 #[tokio::test]
 async fn full_queue_is_refused_fast_with_retry_after() {
-    // One image at a time, each taking 400 ms: the second concurrent request finds no room.
-    let server = fake_server(
-        &["--queue-capacity", "1", "--max-images-per-request", "1"],
-        Duration::from_millis(400),
+    // One place; the first image's forward pass waits at the gate, holding it.
+    let gate = Gate::default();
+    let server = fake_server_with(
+        &[
+            "--queue-capacity",
+            "1",
+            "--max-images-per-request",
+            "1",
+            "--warmup-iterations",
+            "0",
+        ],
+        FakeBackend::with(
+            "fake",
+            Behaviour {
+                gate: Some(gate.clone()),
+                ..Default::default()
+            },
+        ),
     )
     .await;
     let router = server.router();
@@ -414,14 +456,12 @@ async fn full_queue_is_refused_fast_with_retry_after() {
                 .status()
         }
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let started = Instant::now();
+    gate.wait_arrived(1).await;
     let (resp, body) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
-    let took = started.elapsed();
     assert_error(&resp, &body, 503, "overloaded");
     assert_eq!(resp.headers()["retry-after"], "1");
-    // Refused without waiting for the slow request (which takes 400 ms).
-    assert!(took < Duration::from_millis(300), "refusal took {took:?}");
+    assert!(!slow.is_finished(), "refused while the first is still held");
+    gate.open();
     assert_eq!(slow.await.unwrap(), 200);
     // Room again once the first one is done.
     let (resp, _) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
@@ -431,7 +471,7 @@ async fn full_queue_is_refused_fast_with_retry_after() {
             .state
             .metrics
             .render()
-            .contains("tch_serve_rejections_total{reason=\"overloaded\"} 1")
+            .contains("tch_serve_rejections_total{model=\"fake\",reason=\"overloaded\"} 1")
     );
 }
 
@@ -456,10 +496,20 @@ async fn uploads_in_progress_are_bounded() {
             .unwrap()
             .status()
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(!stuck.is_finished(), "{:?}", stuck.await);
-    let (resp, body) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
+    // Once the stuck body holds the place, the next request is refused.
+    let mut refused = None;
+    for _ in 0..2000 {
+        let (resp, body) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
+        if resp.status() == 503 {
+            refused = Some((resp, body));
+            break;
+        }
+        assert_eq!(resp.status(), 200, "{body}");
+        tokio::task::yield_now().await;
+    }
+    let (resp, body) = refused.expect("the stuck upload never held its place");
     assert_error(&resp, &body, 503, "overloaded");
+    assert!(!stuck.is_finished());
     // The client goes away: its place is freed.
     drop(tx);
     assert_eq!(
@@ -479,13 +529,21 @@ fn tokio_stream_from(
 
 #[tokio::test]
 async fn slow_inference_hits_the_request_timeout() {
-    let server = fake_server(
+    let gate = Gate::default();
+    let server = fake_server_with(
         &["--request-timeout-ms", "150", "--warmup-iterations", "0"],
-        Duration::from_millis(600),
+        FakeBackend::with(
+            "fake",
+            Behaviour {
+                gate: Some(gate.clone()),
+                ..Default::default()
+            },
+        ),
     )
     .await;
     let (resp, body) = send(&server, predict_raw("/predict", "image/png", png(1))).await;
     assert_error(&resp, &body, 504, "timeout");
+    gate.open();
 }
 
 /// Many different images at once through a real socket: every client gets the answer for its
@@ -520,12 +578,7 @@ async fn concurrent_clients_each_get_their_own_answer() {
         distinct.len()
     );
 
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(listener, async move {
-        let _ = stop_rx.await;
-    }));
+    let (addr, stop, serving) = serve_on_socket(server.server).await;
     let client = reqwest::Client::new();
     let mut tasks = Vec::new();
     for (i, img) in imgs.iter().enumerate() {
@@ -560,15 +613,16 @@ async fn concurrent_clients_each_get_their_own_answer() {
         batched > 0,
         "concurrent requests were never batched together"
     );
-    stop_tx.send(()).unwrap();
+    stop.cancel();
     serving.await.unwrap().unwrap();
 }
 
-/// Shutdown over a real socket: /health turns 503 at once, the in-flight request completes,
-/// and serve() returns.
+/// Shutdown over a real socket: /health turns 503 at once, requests keep being served during
+/// the delay, the in-flight request completes, and serve() returns.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn graceful_shutdown_drains_in_flight_requests() {
-    let server = fake_server(
+    let gate = Gate::default();
+    let server = fake_server_with(
         &[
             "--shutdown-delay-secs",
             "1",
@@ -577,16 +631,17 @@ async fn graceful_shutdown_drains_in_flight_requests() {
             "--warmup-iterations",
             "0",
         ],
-        Duration::from_millis(700),
+        FakeBackend::with(
+            "fake",
+            Behaviour {
+                gate: Some(gate.clone()),
+                ..Default::default()
+            },
+        ),
     )
     .await;
     let state = server.state.clone();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(listener, async move {
-        let _ = stop_rx.await;
-    }));
+    let (addr, stop, serving) = serve_on_socket(server.server).await;
     let client = reqwest::Client::new();
     let in_flight = tokio::spawn({
         let client = client.clone();
@@ -601,10 +656,12 @@ async fn graceful_shutdown_drains_in_flight_requests() {
                 .status()
         }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
-    stop_tx.send(()).unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(state.phase(), tch_serve::state::Phase::ShuttingDown);
+    gate.wait_arrived(1).await;
+    stop.cancel();
+    assert!(
+        eventually(Duration::from_secs(5), || state.is_shutting_down()).await,
+        "the token must start the shutdown"
+    );
     let health = client
         .get(format!("http://{addr}/health"))
         .send()
@@ -614,15 +671,30 @@ async fn graceful_shutdown_drains_in_flight_requests() {
     let body: serde_json::Value = health.json().await.unwrap();
     assert_eq!(body["status"], "shutting_down");
     // Until the listener closes (--shutdown-delay-secs), requests are still served.
-    let late = client
-        .post(format!("http://{addr}/predict"))
-        .header("content-type", "image/png")
-        .body(png(4))
-        .send()
+    let late = tokio::spawn({
+        let client = client.clone();
+        async move {
+            client
+                .post(format!("http://{addr}/predict"))
+                .header("content-type", "image/png")
+                .body(png(4))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }
+    });
+    // The late request is decoded and queued behind the one at the gate.
+    let metrics = state.metrics.clone();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            metric(&metrics.render(), "tch_serve_queue_depth{model=\"fake\"}") == Some(1.0)
+        })
         .await
-        .unwrap();
+    );
+    gate.open();
     assert_eq!(
-        late.status(),
+        late.await.unwrap(),
         200,
         "a request during the shutdown delay must be served"
     );
@@ -631,13 +703,11 @@ async fn graceful_shutdown_drains_in_flight_requests() {
         200,
         "the in-flight request must complete"
     );
-    let started = Instant::now();
     tokio::time::timeout(Duration::from_secs(15), serving)
         .await
         .expect("serve() must return")
         .unwrap()
         .unwrap();
-    assert!(started.elapsed() < Duration::from_secs(12));
     // The listener is closed.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }

@@ -80,7 +80,7 @@ fn channels_last_weights_by_default_and_same_answers_as_nchw() {
             if precision == Precision::Fp32 {
                 let pre = Preprocessor::for_model(&meta, 100_000_000);
                 let bytes = std::fs::read(test_data_dir().join(&refs[0].file)).unwrap();
-                answers.push(model.forward(&pre.run(&bytes).unwrap().data, 1).unwrap());
+                answers.push(model.forward(&pre.run(&bytes).unwrap().pixels, 1).unwrap());
             }
         }
     }
@@ -134,7 +134,7 @@ fn parity_with_torchvision_on_real_photos() {
     for r in &refs {
         let bytes = std::fs::read(test_data_dir().join(&r.file)).unwrap();
         let input = pre.run(&bytes).unwrap();
-        let probs = model.forward(&input.data, 1).unwrap();
+        let probs = model.forward(&input.pixels, 1).unwrap();
         let ours = logits_from_probs(&probs);
         let theirs = centred(&r.logits);
         let diff = ours
@@ -184,20 +184,20 @@ fn batched_forward_matches_single_and_bf16_agrees() {
     let (mut model, meta) = load(Precision::Fp32);
     let pre = Preprocessor::for_model(&meta, 100_000_000);
     let refs = references();
-    let inputs: Vec<Vec<f32>> = refs
+    let inputs: Vec<Vec<u8>> = refs
         .iter()
         .take(6)
         .map(|r| {
             pre.run(&std::fs::read(test_data_dir().join(&r.file)).unwrap())
                 .unwrap()
-                .data
+                .pixels
         })
         .collect();
     let singles: Vec<Vec<f32>> = inputs
         .iter()
         .map(|x| model.forward(x, 1).unwrap())
         .collect();
-    let batch: Vec<f32> = inputs.concat();
+    let batch: Vec<u8> = inputs.concat();
     let batched = model.forward(&batch, inputs.len()).unwrap();
     let classes = model.num_classes();
     for (i, single) in singles.iter().enumerate() {
@@ -232,7 +232,6 @@ fn batched_forward_matches_single_and_bf16_agrees() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn concurrent_photos_each_get_their_own_answer() {
     let dir = model_dir();
-    let meta = ModelMetadata::load(&dir).unwrap();
     let cfg = config(&[
         "--max-batch-size",
         "8",
@@ -245,8 +244,8 @@ async fn concurrent_photos_each_get_their_own_answer() {
         "--model-dir",
         dir.to_str().unwrap(),
     ]);
-    let factory = tch_serve::torch_factory(&cfg, &dir, &meta, tch::Device::Cpu);
-    let mut server = tch_serve::start(cfg, &meta, "cpu".into(), factory).unwrap();
+    let mut server =
+        tch_serve::Server::start(cfg, std::sync::Arc::new(tch_serve::model::TorchBackend)).unwrap();
     server.wait_ready().await.unwrap();
     let photos: Vec<Vec<u8>> = references()
         .iter()
@@ -277,12 +276,7 @@ async fn concurrent_photos_each_get_their_own_answer() {
             assert!(!same || dup, "photos {i} and {j} have the same answer");
         }
     }
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let serving = tokio::spawn(server.serve(listener, async move {
-        let _ = stop_rx.await;
-    }));
+    let (addr, stop, serving) = serve_on_socket(server).await;
     let client = reqwest::Client::new();
     let mut tasks = Vec::new();
     for round in 0..2 {
@@ -317,7 +311,7 @@ async fn concurrent_photos_each_get_their_own_answer() {
         max_batch = max_batch.max(body["results"][0]["batch_size"].as_u64().unwrap());
     }
     assert!(max_batch > 1, "concurrent requests were never batched");
-    stop_tx.send(()).unwrap();
+    stop.cancel();
     tokio::time::timeout(Duration::from_secs(30), serving)
         .await
         .unwrap()

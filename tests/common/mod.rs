@@ -1,8 +1,11 @@
-//! Shared helpers of the integration tests.
+//! Shared helpers of the integration tests, and the fake model that the HTTP tests run on.
 #![allow(dead_code)]
 
+use std::collections::HashMap;
 use std::io::Cursor;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Duration;
 
 use axum::body::Body;
@@ -10,10 +13,8 @@ use axum::http::{Request, Response};
 use http_body_util::BodyExt;
 use image::{DynamicImage, ImageBuffer, ImageFormat, Rgb};
 use tch_serve::Server;
-use tch_serve::batcher::ClassifierFactory;
 use tch_serve::config::{Cli, ServeConfig};
-use tch_serve::metadata::ModelMetadata;
-use tch_serve::model::{Classifier, FakeClassifier};
+use tch_serve::model::{Backend, Classifier, Loaded, ModelSpec};
 use tower::ServiceExt;
 
 pub const INPUT: u32 = 32;
@@ -27,41 +28,301 @@ pub fn config(args: &[&str]) -> ServeConfig {
     c
 }
 
-pub fn fake_meta(classes: usize) -> ModelMetadata {
-    ModelMetadata {
-        name: "fake".into(),
-        file: "model.pt".into(),
-        input_size: INPUT,
-        resize_size: 40,
-        mean: [0.485, 0.456, 0.406],
-        std: [0.229, 0.224, 0.225],
-        labels: (0..classes).map(|i| format!("class{i}")).collect(),
-        trained: false,
-        weights: Some("fake".into()),
+/// A gate that forward passes wait at until the test lets them through; it counts the passes
+/// that have reached it, so a test can wait for that event instead of sleeping.
+#[derive(Clone, Default)]
+pub struct Gate {
+    inner: Arc<(Mutex<GateState>, Condvar)>,
+}
+
+#[derive(Default)]
+struct GateState {
+    open: bool,
+    permits: usize,
+    arrived: usize,
+}
+
+impl Gate {
+    /// Lets every pass through from now on.
+    pub fn open(&self) {
+        let (m, c) = &*self.inner;
+        m.lock().unwrap().open = true;
+        c.notify_all();
+    }
+
+    /// Lets `n` more passes through.
+    pub fn release(&self, n: usize) {
+        let (m, c) = &*self.inner;
+        m.lock().unwrap().permits += n;
+        c.notify_all();
+    }
+
+    /// Forward passes that have reached the gate so far.
+    pub fn arrived(&self) -> usize {
+        self.inner.0.lock().unwrap().arrived
+    }
+
+    /// Waits (without blocking the runtime) until `n` passes have reached the gate.
+    pub async fn wait_arrived(&self, n: usize) {
+        while self.arrived() < n {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// Arrives at the gate and waits there until let through.
+    pub fn pass(&self) {
+        let (m, c) = &*self.inner;
+        let mut s = m.lock().unwrap();
+        s.arrived += 1;
+        c.notify_all();
+        while !s.open && s.permits == 0 {
+            s = c.wait(s).unwrap();
+        }
+        if !s.open {
+            s.permits -= 1;
+        }
     }
 }
 
-pub fn fake_factory(classes: usize, delay: Duration) -> ClassifierFactory {
-    Box::new(move || {
-        Ok(Box::new(FakeClassifier {
-            classes,
-            delay,
-            input_size: INPUT as usize,
-        }) as Box<dyn Classifier>)
-    })
+/// How a fake model behaves.
+#[derive(Clone, Default)]
+pub struct Behaviour {
+    /// Time each forward pass takes.
+    pub delay: Duration,
+    /// Forward passes wait here first.
+    pub gate: Option<Gate>,
+    /// Every forward pass fails.
+    pub failing: bool,
+    /// The worker's loop panics outside the forward pass (a stand-in for a bug that kills it).
+    pub crash_worker: bool,
+    /// Loading fails with this message.
+    pub load_error: Option<String>,
+    /// Loading waits here first.
+    pub load_gate: Option<Gate>,
 }
 
-/// A ready server on the fake classifier (10 classes).
-pub async fn fake_server(args: &[&str], delay: Duration) -> Server {
-    let mut server = tch_serve::start(
-        config(args),
-        &fake_meta(10),
-        "cpu".into(),
-        fake_factory(10, delay),
-    )
-    .unwrap();
+/// A stand-in classifier for fast tests of the HTTP layer: its scores are a deterministic
+/// function of the image's per-channel means.
+pub struct FakeClassifier {
+    pub classes: usize,
+    pub input_size: usize,
+    pub behaviour: Behaviour,
+    pub passes: Arc<AtomicUsize>,
+}
+
+impl Classifier for FakeClassifier {
+    fn forward(&mut self, pixels: &[u8], n: usize) -> anyhow::Result<Vec<f32>> {
+        if let Some(g) = &self.behaviour.gate {
+            g.pass();
+        }
+        std::thread::sleep(self.behaviour.delay);
+        self.passes.fetch_add(1, Ordering::SeqCst);
+        if self.behaviour.failing {
+            anyhow::bail!("the fake model fails on purpose");
+        }
+        let per = self.input_size * self.input_size * 3;
+        anyhow::ensure!(
+            pixels.len() == n * per,
+            "{} bytes for {n} images",
+            pixels.len()
+        );
+        let mut out = Vec::with_capacity(n * self.classes);
+        for img in pixels.chunks_exact(per) {
+            let mut mean = [0f64; 3];
+            for px in img.chunks_exact(3) {
+                for c in 0..3 {
+                    mean[c] += f64::from(px[c]) / 255.0;
+                }
+            }
+            let pixels = (per / 3) as f64;
+            let logits: Vec<f64> = (0..self.classes)
+                .map(|k| {
+                    let k = k as f64;
+                    (mean[0] / pixels) * (k + 1.0).sin() * 3.0
+                        + (mean[1] / pixels) * (k * 0.7).cos() * 2.0
+                        + (mean[2] / pixels) * (k * 1.3 + 0.5).sin()
+                })
+                .collect();
+            let max = logits.iter().cloned().fold(f64::MIN, f64::max);
+            let sum: f64 = logits.iter().map(|l| (l - max).exp()).sum();
+            out.extend(logits.iter().map(|l| ((l - max).exp() / sum) as f32));
+        }
+        Ok(out)
+    }
+
+    fn num_classes(&self) -> usize {
+        self.classes
+    }
+
+    fn input_size(&self) -> usize {
+        self.input_size
+    }
+
+    fn padded_batch(&self, n: usize) -> usize {
+        if self.behaviour.crash_worker && self.passes.load(Ordering::SeqCst) > 0 {
+            panic!("the fake worker crashes on purpose");
+        }
+        n
+    }
+}
+
+/// Builds fake classifiers; each model behaves as set for its name (default: instant).
+#[derive(Clone, Default)]
+pub struct FakeBackend {
+    pub behaviours: Arc<Mutex<HashMap<String, Behaviour>>>,
+    pub loads: Arc<AtomicUsize>,
+    pub passes: Arc<AtomicUsize>,
+    pub quiet: Arc<AtomicBool>,
+}
+
+impl FakeBackend {
+    pub fn with(name: &str, b: Behaviour) -> Self {
+        let f = Self::default();
+        f.set(name, b);
+        f
+    }
+
+    pub fn set(&self, name: &str, b: Behaviour) {
+        self.behaviours.lock().unwrap().insert(name.to_owned(), b);
+    }
+}
+
+impl Backend for FakeBackend {
+    fn load(&self, spec: &ModelSpec) -> anyhow::Result<Loaded> {
+        let b = self
+            .behaviours
+            .lock()
+            .unwrap()
+            .get(&spec.name)
+            .cloned()
+            .unwrap_or_default();
+        if let Some(g) = &b.load_gate {
+            g.pass();
+        }
+        if let Some(e) = &b.load_error {
+            anyhow::bail!("{e}");
+        }
+        self.loads.fetch_add(1, Ordering::SeqCst);
+        Ok(Loaded {
+            classifier: Box::new(FakeClassifier {
+                classes: spec.meta.labels.len(),
+                input_size: spec.meta.input_size as usize,
+                behaviour: b,
+                passes: self.passes.clone(),
+            }),
+            device: "cpu".into(),
+            on_cpu: true,
+        })
+    }
+}
+
+/// Writes a fake model's `metadata.json` (and an empty model file) into `dir`.
+pub fn write_fake_model(dir: &Path, name: &str, classes: usize) {
+    std::fs::create_dir_all(dir).unwrap();
+    let meta = serde_json::json!({
+        "name": name,
+        "input_size": INPUT,
+        "resize_size": 40,
+        "labels": (0..classes).map(|i| format!("class{i}")).collect::<Vec<_>>(),
+        "trained": false,
+        "weights": "fake",
+    });
+    std::fs::write(dir.join("metadata.json"), meta.to_string()).unwrap();
+    std::fs::write(dir.join("model.pt"), b"").unwrap();
+}
+
+/// A repository folder holding fake models: (folder name, classes).
+pub fn fake_repository(models: &[(&str, usize)]) -> tempfile::TempDir {
+    let root = tempfile::tempdir().unwrap();
+    for (name, classes) in models {
+        write_fake_model(&root.path().join(name), name, *classes);
+    }
+    root
+}
+
+/// A server on one fake model named `fake` (10 classes), with `args`, loading (not waited for).
+/// The returned folder must outlive the server.
+pub fn start_fake(args: &[&str], backend: FakeBackend) -> (Server, tempfile::TempDir) {
+    let root = fake_repository(&[("fake", 10)]);
+    let dir = root.path().join("fake");
+    let mut all = vec!["--model-dir", dir.to_str().unwrap()];
+    all.extend_from_slice(args);
+    let server = Server::start(config(&all), Arc::new(backend)).unwrap();
+    (server, root)
+}
+
+/// A ready server on the fake model (10 classes), every forward pass taking `delay`.
+pub async fn fake_server(args: &[&str], delay: Duration) -> FakeServer {
+    let backend = FakeBackend::with(
+        "fake",
+        Behaviour {
+            delay,
+            ..Default::default()
+        },
+    );
+    fake_server_with(args, backend).await
+}
+
+/// A ready server on the fake model with the given backend.
+pub async fn fake_server_with(args: &[&str], backend: FakeBackend) -> FakeServer {
+    let (mut server, root) = start_fake(args, backend.clone());
     server.wait_ready().await.unwrap();
-    server
+    FakeServer {
+        server,
+        backend,
+        _root: root,
+    }
+}
+
+/// A server with its fake backend and the folder of its model.
+pub struct FakeServer {
+    pub server: Server,
+    pub backend: FakeBackend,
+    pub _root: tempfile::TempDir,
+}
+
+impl std::ops::Deref for FakeServer {
+    type Target = Server;
+    fn deref(&self) -> &Server {
+        &self.server
+    }
+}
+
+/// Serves `server` on a real socket on 127.0.0.1; returns its address, the token that stops it
+/// and the task that ends when it has stopped.
+pub async fn serve_on_socket(
+    server: Server,
+) -> (
+    std::net::SocketAddr,
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<anyhow::Result<()>>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let stop = tokio_util::sync::CancellationToken::new();
+    let task = tokio::spawn(server.serve(listener, stop.clone()));
+    (addr, stop, task)
+}
+
+/// The value of a metric series in Prometheus' text format (the first line that starts with
+/// `series`), or None.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines()
+        .find(|l| l.starts_with(series) && l[series.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Polls `f` until it returns true (every 5 ms, up to `limit`); false if it never did.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < end {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    f()
 }
 
 /// The real model exported by the setup step (`make model`).

@@ -10,12 +10,13 @@ use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 use utoipa::ToSchema;
 
-use crate::batcher::Job;
+use super::models::ModelName;
+use super::{BodyReceived, ModelLabel};
 use crate::error::ApiError;
-use crate::state::{AppState, Phase};
+use crate::pipeline::{Pipeline, WorkerState};
+use crate::server::AppState;
 
 /// One class and its probability.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -48,7 +49,7 @@ pub struct ImageResult {
 pub struct Timings {
     /// Longest wait of the request's images in the inference queue.
     pub queue_ms: f64,
-    /// Decoding and resizing all images (in parallel).
+    /// Longest decode and resize among the request's images (they run in parallel).
     pub preprocess_ms: f64,
     /// Longest forward pass among the request's images.
     pub inference_ms: f64,
@@ -59,6 +60,8 @@ pub struct Timings {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct PredictResponse {
     pub model: String,
+    /// The version of the model that answered.
+    pub version: u64,
     pub device: String,
     /// False when the model's weights are a random initialisation.
     pub trained: bool,
@@ -75,51 +78,103 @@ struct Upload {
     bytes: Bytes,
 }
 
-/// Classify one or more images.
+/// Classify one or more images with the default model, or the one named by `?model=`.
 #[utoipa::path(post, path = "/predict", tag = "inference",
-    params(("top_k" = Option<usize>, Query, description = "Classes returned per image (default 5)")),
+    params(
+        ("top_k" = Option<usize>, Query, description = "Classes returned per image (default 5)"),
+        ("model" = Option<String>, Query, description = "Model to use (default: the default model)"),
+    ),
     request_body(description = "multipart/form-data with one or more `file` parts, or the raw image bytes (image/*)",
         content((String = "multipart/form-data"), (Vec<u8> = "image/jpeg"), (Vec<u8> = "application/octet-stream"))),
     responses(
         (status = 200, description = "Top-k classes per image", body = PredictResponse),
-        (status = 400, description = "No `file` part, empty body, or bad `top_k`", body = crate::error::ErrorBody),
+        (status = 400, description = "No `file` part, empty body, bad `top_k`, or no model named while several are served", body = crate::error::ErrorBody),
+        (status = 404, description = "No such model", body = crate::error::ErrorBody),
         (status = 413, description = "Body, image dimensions or image count over the limits", body = crate::error::ErrorBody),
         (status = 415, description = "Not JPEG, PNG, WebP, BMP or GIF", body = crate::error::ErrorBody),
         (status = 422, description = "Corrupt or truncated image", body = crate::error::ErrorBody),
-        (status = 503, description = "At capacity (with Retry-After) or not ready", body = crate::error::ErrorBody),
+        (status = 503, description = "At capacity (with Retry-After) or the model is not ready", body = crate::error::ErrorBody),
         (status = 504, description = "Not done within the request timeout", body = crate::error::ErrorBody),
     ))]
-pub async fn predict(
-    State(state): State<Arc<AppState>>,
-    request: Request,
-) -> Result<Response, ApiError> {
-    let arrived = Instant::now();
-    // While shutting down the server keeps answering: /health already says 503 so load
-    // balancers stop sending, and whatever still arrives before the listener closes is served.
-    if state.phase() == Phase::Starting {
-        return Err(ApiError::Unavailable("the model is still loading".into()));
-    }
-    let top_k = parse_top_k(
+pub async fn predict(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    let query = match parse_query(
         request.uri().query(),
         state.config.default_top_k,
         state.config.max_top_k,
-    )?;
+    ) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    serve(&state, query.model.as_deref(), query.top_k, request).await
+}
+
+/// Classify one or more images with the named model.
+#[utoipa::path(post, path = "/models/{name}/predict", tag = "inference",
+    params(
+        ("name" = String, Path, description = "Model name"),
+        ("top_k" = Option<usize>, Query, description = "Classes returned per image (default 5)"),
+    ),
+    request_body(description = "as POST /predict",
+        content((String = "multipart/form-data"), (Vec<u8> = "image/jpeg"), (Vec<u8> = "application/octet-stream"))),
+    responses(
+        (status = 200, description = "Top-k classes per image", body = PredictResponse),
+        (status = 404, description = "No such model", body = crate::error::ErrorBody),
+        (status = 503, description = "At capacity (with Retry-After) or the model is not ready", body = crate::error::ErrorBody),
+    ))]
+pub async fn predict_named(
+    State(state): State<Arc<AppState>>,
+    ModelName(name): ModelName,
+    request: Request,
+) -> Response {
+    let query = match parse_query(
+        request.uri().query(),
+        state.config.default_top_k,
+        state.config.max_top_k,
+    ) {
+        Ok(q) => q,
+        Err(e) => return e.into_response(),
+    };
+    serve(&state, Some(&name), query.top_k, request).await
+}
+
+/// Resolves the model, then classifies within the request's time budget. Every answer, error
+/// or not, carries the model's name for the metrics.
+async fn serve(state: &Arc<AppState>, model: Option<&str>, k: usize, request: Request) -> Response {
+    let arrived = Instant::now();
+    let pipeline = match state.repository.resolve(model) {
+        Ok(p) => p,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
     let budget = state.config.request_timeout();
-    match tokio::time::timeout(budget, classify(&state, request, top_k, arrived)).await {
-        Ok(result) => result,
-        Err(_) => Err(ApiError::Timeout {
-            ms: budget.as_millis() as u64,
-        }),
-    }
+    let result =
+        match tokio::time::timeout(budget, classify(state, &pipeline, request, k, arrived)).await {
+            Ok(result) => result,
+            Err(_) => Err(ApiError::Timeout {
+                ms: budget.as_millis() as u64,
+            }),
+        };
+    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    response
+        .extensions_mut()
+        .insert(ModelLabel(pipeline.name.clone()));
+    response
 }
 
 async fn classify(
     state: &Arc<AppState>,
+    pipeline: &Arc<Pipeline>,
     request: Request,
     k: usize,
     arrived: Instant,
 ) -> Result<Response, ApiError> {
-    // A place to receive the body, then places for its images: both refused at once when full.
+    // Refused at once while the model cannot serve, before the body is read.
+    pipeline.readiness().map_err(|reason| {
+        ApiError::Unavailable(format!(
+            "model {} is not available: {reason}",
+            pipeline.name
+        ))
+    })?;
+    // A place to receive the body, then a place per image: both refused at once when full.
     let receiving = state.begin_upload()?;
     let uploads = read_uploads(
         request,
@@ -127,78 +182,37 @@ async fn classify(
         state.config.max_images_per_request,
     )
     .await?;
-    let _admission = state.admit(uploads.len())?;
     drop(receiving);
+    let body_received = Instant::now();
+    let places = pipeline.admit(uploads.len())?;
+    // Each image's place travels with its work; if this request ends early, the futures are
+    // dropped and the work not yet started is skipped.
+    let pending = places
+        .into_iter()
+        .zip(&uploads)
+        .map(|(place, upload)| pipeline.submit(place, upload.bytes.clone()));
+    let answers = futures_util::future::try_join_all(pending).await?;
 
-    // Decode and resize off the async runtime, all images of the request in parallel.
-    let pre_start = Instant::now();
-    let mut decoding = Vec::with_capacity(uploads.len());
-    for upload in &uploads {
-        let (tx, rx) = oneshot::channel();
-        let bytes = upload.bytes.clone();
-        let metrics = state.metrics.clone();
-        let pre = state.preprocessor.clone();
-        state.pool.spawn(move || {
-            let t = Instant::now();
-            let out = pre.run(&bytes);
-            metrics
-                .preprocess_duration
-                .observe(t.elapsed().as_secs_f64());
-            let _ = tx.send(out);
-        });
-        decoding.push(rx);
-    }
-    let mut images = Vec::with_capacity(decoding.len());
-    for rx in decoding {
-        images.push(rx.await.map_err(|_| ApiError::Internal)??);
-    }
-    let preprocess_ms = ms(pre_start.elapsed());
-
-    let mut answers = Vec::with_capacity(images.len());
-    let mut meta = Vec::with_capacity(images.len());
-    for image in images {
-        let (tx, rx) = oneshot::channel();
-        let job = Job {
-            input: image.data,
-            enqueued: Instant::now(),
-            reply: tx,
-        };
-        if state.batcher.submit(job).is_err() {
-            return Err(ApiError::Overloaded {
-                capacity: state.config.queue_capacity,
-            });
-        }
-        answers.push(rx);
-        meta.push((image.format, image.width, image.height));
-    }
-
-    let labels = &state.model.labels;
+    let labels = pipeline.labels();
     let mut results = Vec::with_capacity(answers.len());
-    for ((rx, (format, width, height)), upload) in answers.into_iter().zip(meta).zip(uploads) {
-        let out = match rx.await {
-            Ok(Ok(out)) => out,
-            Ok(Err(why)) => {
-                tracing::error!(error = %why, "inference failed");
-                return Err(ApiError::Internal);
-            }
-            Err(_) => return Err(ApiError::Unavailable("the inference thread stopped".into())),
-        };
+    let mut preprocess = Duration::ZERO;
+    for (out, upload) in answers.into_iter().zip(uploads) {
+        preprocess = preprocess.max(out.image.preprocess_time);
         results.push(ImageResult {
             filename: upload.filename,
-            format: format.to_string(),
-            width,
-            height,
+            format: out.image.format.to_string(),
+            width: out.image.width,
+            height: out.image.height,
             predictions: top_k(&out.probabilities, k, labels),
             batch_size: out.batch_size,
             queue_ms: ms(out.queue_time),
             inference_ms: ms(out.inference_time),
         });
     }
-    state.metrics.images.inc_by(results.len() as u64);
 
     let timings = Timings {
         queue_ms: results.iter().map(|r| r.queue_ms).fold(0.0, f64::max),
-        preprocess_ms,
+        preprocess_ms: ms(preprocess),
         inference_ms: results.iter().map(|r| r.inference_ms).fold(0.0, f64::max),
         total_ms: ms(arrived.elapsed()),
     };
@@ -213,32 +227,64 @@ async fn classify(
             headers.insert(HeaderName::from_static(name), v);
         }
     }
+    let device = match pipeline.state() {
+        WorkerState::Ready(r) => r.device,
+        _ => pipeline.settings.device.clone(),
+    };
     let body = PredictResponse {
-        model: state.model.name.clone(),
-        device: state.model.device.clone(),
-        trained: state.model.trained,
+        model: pipeline.name.clone(),
+        version: pipeline.version,
+        device,
+        trained: pipeline.meta.trained,
         predictions: results[0].predictions.clone(),
         results,
         timings,
     };
-    Ok((headers, Json(body)).into_response())
+    let mut response = (headers, Json(body)).into_response();
+    response
+        .extensions_mut()
+        .insert(BodyReceived(body_received));
+    Ok(response)
 }
 
 fn ms(d: Duration) -> f64 {
     (d.as_secs_f64() * 1e6).round() / 1e3
 }
 
-/// `top_k` from the query string: absent gives the default, anything but 1..=max is a 400.
-pub fn parse_top_k(query: Option<&str>, default: usize, max: usize) -> Result<usize, ApiError> {
+/// What the query string of a predict request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PredictQuery {
+    pub top_k: usize,
+    pub model: Option<String>,
+}
+
+/// `top_k` and `model` from the query string: an absent `top_k` gives the default, anything but
+/// 1..=max is a 400; other keys are ignored.
+pub fn parse_query(
+    query: Option<&str>,
+    default: usize,
+    max: usize,
+) -> Result<PredictQuery, ApiError> {
     let mut k = default;
+    let mut model = None;
     for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
         let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if key == "top_k" {
-            k = value.parse::<usize>().map_err(|_| {
-                ApiError::InvalidParameter(format!(
-                    "top_k must be an integer between 1 and {max}, got {value:?}"
-                ))
-            })?;
+        match key {
+            "top_k" => {
+                k = value.parse::<usize>().map_err(|_| {
+                    ApiError::InvalidParameter(format!(
+                        "top_k must be an integer between 1 and {max}, got {:?}",
+                        value.chars().take(40).collect::<String>()
+                    ))
+                })?;
+            }
+            "model" if !value.is_empty() => model = Some(value.chars().take(100).collect()),
+            "model" => {
+                return Err(ApiError::InvalidParameter(
+                    "model must name a model: ?model=NAME".into(),
+                ));
+            }
+            _ => {}
         }
     }
     if k == 0 || k > max {
@@ -246,7 +292,7 @@ pub fn parse_top_k(query: Option<&str>, default: usize, max: usize) -> Result<us
             "top_k must be between 1 and {max}, got {k}"
         )));
     }
-    Ok(k)
+    Ok(PredictQuery { top_k: k, model })
 }
 
 /// The `k` most probable classes, highest first (ties by lower index). `k` is capped at the
@@ -404,13 +450,33 @@ mod tests {
     }
 
     #[test]
-    fn top_k_parameter() {
-        assert_eq!(parse_top_k(None, 5, 100).unwrap(), 5);
-        assert_eq!(parse_top_k(Some("top_k=3"), 5, 100).unwrap(), 3);
-        assert_eq!(parse_top_k(Some("x=1&top_k=100"), 5, 100).unwrap(), 100);
-        for bad in ["top_k=0", "top_k=101", "top_k=-1", "top_k=abc", "top_k="] {
-            let err = parse_top_k(Some(bad), 5, 100).unwrap_err();
+    fn query_parameters() {
+        let k = |q: Option<&str>| parse_query(q, 5, 100).map(|q| q.top_k);
+        assert_eq!(k(None).unwrap(), 5);
+        assert_eq!(k(Some("top_k=3")).unwrap(), 3);
+        assert_eq!(k(Some("x=1&top_k=100")).unwrap(), 100);
+        for bad in [
+            "top_k=0",
+            "top_k=101",
+            "top_k=-1",
+            "top_k=abc",
+            "top_k=",
+            "model=",
+        ] {
+            let err = parse_query(Some(bad), 5, 100).unwrap_err();
             assert_eq!(err.code(), "invalid_parameter", "{bad}");
         }
+        let q = parse_query(Some("model=efficientnet_lite0&top_k=2"), 5, 100).unwrap();
+        assert_eq!(q.model.as_deref(), Some("efficientnet_lite0"));
+        assert_eq!(q.top_k, 2);
+        let long = format!("model={}", "x".repeat(10_000));
+        assert_eq!(
+            parse_query(Some(&long), 5, 100)
+                .unwrap()
+                .model
+                .unwrap()
+                .len(),
+            100
+        );
     }
 }

@@ -1,0 +1,835 @@
+//! Models by name and version: discovery in the repository folder, loading, reloading and
+//! unloading while serving.
+//!
+//! A repository is a folder; each subfolder is a model named after it, holding `model.pt` and
+//! `metadata.json` directly (version 1) or in numbered version folders (`resnet18/1/`,
+//! `resnet18/2/`); the highest version is served unless `--model-version NAME=V` or the model's
+//! `config.json` (`"version"`) pins one. `--model-dir` serves one model folder instead.
+//!
+//! A (re)load builds a new [`Pipeline`] beside the one being served, which goes on serving
+//! until the new one is loaded and warm; then the new one is swapped in. Requests in flight hold
+//! the pipeline they started on and finish on it; the old worker ends once the last of them is
+//! done. A version that fails to load is reported and never replaces a working one.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use serde::Serialize;
+
+use crate::config::{ModelOverrides, ModelSettings, ModelSource, ServeConfig};
+use crate::metadata::ModelMetadata;
+use crate::model::ModelSpec;
+use crate::pipeline::{Pipeline, Shared, WorkerState};
+
+/// What went wrong, for the front doors to translate.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum RepoError {
+    #[error("no model named {name:?}; available: {}", list(available))]
+    NotFound {
+        name: String,
+        available: Vec<String>,
+    },
+    #[error(
+        "several models are served and none is the default: name one with ?model=NAME or /models/NAME/predict (available: {})",
+        list(available)
+    )]
+    NoDefault { available: Vec<String> },
+    #[error("model {model} is not available: {reason}")]
+    Unavailable { model: String, reason: String },
+    #[error("model {model} could not be loaded: {reason}")]
+    LoadFailed { model: String, reason: String },
+}
+
+fn list(names: &[String]) -> String {
+    if names.is_empty() {
+        "none".into()
+    } else {
+        names.join(", ")
+    }
+}
+
+/// A model's state, as `/models` and `tch_serve_model_state` report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelState {
+    Loading,
+    Ready,
+    Failed,
+    Unloading,
+    /// Not served: unloaded, or its worker stopped, or its forward passes keep failing.
+    Unavailable,
+}
+
+impl ModelState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Loading => "loading",
+            Self::Ready => "ready",
+            Self::Failed => "failed",
+            Self::Unloading => "unloading",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+/// A model that should be served and is not ready.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub model: String,
+    pub state: ModelState,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.model.is_empty() {
+            write!(f, "{}", self.reason)
+        } else {
+            write!(f, "{}: {}", self.model, self.reason)
+        }
+    }
+}
+
+/// One version of a model as the repository knows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VersionStatus {
+    pub version: u64,
+    /// `available` (on disk, not loaded), `loading`, `ready` (being served), `failed`,
+    /// `unloaded` (was served, replaced or unloaded).
+    pub state: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// A model as `/models` describes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ModelView {
+    pub name: String,
+    pub state: ModelState,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The version being served.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    pub versions: Vec<VersionStatus>,
+    pub default: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trained: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quantized: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub weights: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_batch_size: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub queue_capacity: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub inflight_images: Option<usize>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub load_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub warmup_ms: Option<f64>,
+}
+
+/// A model found on disk: its versions and their folders.
+#[derive(Debug, Clone)]
+struct Found {
+    folder: PathBuf,
+    versions: BTreeMap<u64, PathBuf>,
+}
+
+/// One model's slot: the pipeline being served and what is known of its versions.
+struct Slot {
+    serving: RwLock<Option<Arc<Pipeline>>>,
+    status: Mutex<SlotStatus>,
+    /// One load or unload of this model at a time.
+    op: tokio::sync::Mutex<()>,
+}
+
+#[derive(Debug, Default)]
+struct SlotStatus {
+    /// Whether the model should be loaded (counts for readiness).
+    wanted: bool,
+    loading: Option<u64>,
+    unloading: bool,
+    /// The last load's failure, while nothing is served.
+    failure: Option<String>,
+    versions: BTreeMap<u64, VersionStatus>,
+    /// Files of the version being served, to notice a change in place.
+    fingerprint: Option<Fingerprint>,
+}
+
+type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+/// Every model being served, by name.
+pub struct Repository {
+    source: ModelSource,
+    defaults: ModelSettings,
+    pins: HashMap<String, u64>,
+    configured_default: Option<String>,
+    max_images_per_request: usize,
+    request_timeout_ms: u64,
+    shared: Shared,
+    slots: RwLock<BTreeMap<String, Arc<Slot>>>,
+}
+
+impl Repository {
+    pub fn new(config: &ServeConfig, shared: Shared) -> Self {
+        Self {
+            source: config.model_source(),
+            defaults: config.model_defaults(),
+            pins: config.model_versions.iter().cloned().collect(),
+            configured_default: config.default_model.clone(),
+            max_images_per_request: config.max_images_per_request,
+            request_timeout_ms: config.request_timeout_ms,
+            shared,
+            slots: RwLock::new(BTreeMap::new()),
+        }
+    }
+
+    pub fn shared(&self) -> &Shared {
+        &self.shared
+    }
+
+    /// Finds the models and checks the default model's name; loading is left to
+    /// [`Repository::load`]. Returns the names found.
+    pub fn discover_all(&self) -> anyhow::Result<Vec<String>> {
+        let found = self.discover().map_err(anyhow::Error::msg)?;
+        let names: Vec<String> = found.keys().cloned().collect();
+        if let Some(d) = &self.configured_default
+            && !found.contains_key(d)
+        {
+            anyhow::bail!(
+                "--default-model {d:?} is not in the model repository (found: {})",
+                list(&names)
+            );
+        }
+        for (name, f) in &found {
+            self.slot_or_new(name).status.lock().unwrap().versions = f
+                .versions
+                .keys()
+                .map(|&v| (v, version_status(v, "available", None)))
+                .collect();
+        }
+        Ok(names)
+    }
+
+    fn discover(&self) -> Result<BTreeMap<String, Found>, String> {
+        match &self.source {
+            ModelSource::Single(dir) => {
+                let meta = ModelMetadata::load(dir).map_err(|e| format!("{e:#}"))?;
+                Ok(BTreeMap::from([(
+                    meta.name,
+                    Found {
+                        folder: dir.clone(),
+                        versions: BTreeMap::from([(1, dir.clone())]),
+                    },
+                )]))
+            }
+            ModelSource::Repository(root) => discover_repository(root),
+        }
+    }
+
+    fn slot(&self, name: &str) -> Option<Arc<Slot>> {
+        self.slots.read().unwrap().get(name).cloned()
+    }
+
+    fn slot_or_new(&self, name: &str) -> Arc<Slot> {
+        self.slots
+            .write()
+            .unwrap()
+            .entry(name.to_owned())
+            .or_insert_with(|| {
+                Arc::new(Slot {
+                    serving: RwLock::new(None),
+                    status: Mutex::new(SlotStatus::default()),
+                    op: tokio::sync::Mutex::new(()),
+                })
+            })
+            .clone()
+    }
+
+    pub fn names(&self) -> Vec<String> {
+        self.slots.read().unwrap().keys().cloned().collect()
+    }
+
+    /// The model `POST /predict` serves without a name.
+    pub fn default_model(&self) -> Option<String> {
+        if let Some(d) = &self.configured_default {
+            return Some(d.clone());
+        }
+        let slots = self.slots.read().unwrap();
+        (slots.len() == 1)
+            .then(|| slots.keys().next().cloned())
+            .flatten()
+    }
+
+    /// The pipeline serving `name` (or the default model), for one request.
+    pub fn resolve(&self, name: Option<&str>) -> Result<Arc<Pipeline>, RepoError> {
+        let name = match name {
+            Some(n) => n.to_owned(),
+            None => self.default_model().ok_or_else(|| RepoError::NoDefault {
+                available: self.names(),
+            })?,
+        };
+        let slot = self.slot(&name).ok_or_else(|| RepoError::NotFound {
+            name: name.clone(),
+            available: self.names(),
+        })?;
+        let serving = slot.serving.read().unwrap().clone();
+        serving.ok_or_else(|| {
+            let view = self.view_of(&name, &slot);
+            let reason = match view.state {
+                ModelState::Loading => "it is still loading".to_owned(),
+                ModelState::Unloading => "it is being unloaded".to_owned(),
+                _ => view.reason.unwrap_or_else(|| "it is not loaded".to_owned()),
+            };
+            RepoError::Unavailable {
+                reason,
+                model: name,
+            }
+        })
+    }
+
+    /// Loads the model's chosen version from disk (again), and swaps it in once it is warm.
+    pub async fn load(&self, name: &str) -> Result<ModelView, RepoError> {
+        let found = self.discover().map_err(|reason| RepoError::LoadFailed {
+            model: name.to_owned(),
+            reason,
+        })?;
+        let Some(model) = found.get(name) else {
+            return Err(RepoError::NotFound {
+                name: name.to_owned(),
+                available: found.keys().cloned().collect(),
+            });
+        };
+        let slot = self.slot_or_new(name);
+        let _op = slot.op.lock().await;
+        let version = self.chosen_version(name, model);
+        {
+            let mut s = slot.status.lock().unwrap();
+            s.wanted = true;
+            for &v in model.versions.keys() {
+                s.versions
+                    .entry(v)
+                    .or_insert_with(|| version_status(v, "available", None));
+            }
+            s.versions.retain(|v, _| model.versions.contains_key(v));
+            s.loading = Some(version);
+            s.versions
+                .insert(version, version_status(version, "loading", None));
+        }
+        self.publish_state(name, &slot);
+        let result = self.start_version(name, model, version).await;
+        {
+            let mut s = slot.status.lock().unwrap();
+            s.loading = None;
+            match &result {
+                Ok((pipeline, fingerprint)) => {
+                    let old = slot.serving.write().unwrap().replace(pipeline.clone());
+                    if let Some(old) = old
+                        && old.version != version
+                    {
+                        s.versions
+                            .insert(old.version, version_status(old.version, "unloaded", None));
+                    }
+                    s.versions
+                        .insert(version, version_status(version, "ready", None));
+                    s.failure = None;
+                    s.fingerprint = Some(fingerprint.clone());
+                }
+                Err(reason) => {
+                    s.versions.insert(
+                        version,
+                        version_status(version, "failed", Some(reason.clone())),
+                    );
+                    s.failure = Some(format!("version {version} failed to load: {reason}"));
+                }
+            }
+        }
+        self.publish_state(name, &slot);
+        match result {
+            Ok((pipeline, _)) => {
+                let s = &pipeline.settings;
+                let trained = pipeline.meta.trained.to_string();
+                let precision = format!("{:?}", s.precision).to_lowercase();
+                let device = match pipeline.state() {
+                    WorkerState::Ready(r) => r.device,
+                    _ => s.device.clone(),
+                };
+                let version = version.to_string();
+                self.shared
+                    .metrics
+                    .set_model_info(name, Some([&version, &device, &precision, &trained]));
+                tracing::info!(model = name, version = %version, device = %device, "model ready");
+                Ok(self.view(name).expect("the slot exists"))
+            }
+            Err(reason) => {
+                tracing::error!(model = name, version, error = %reason, "model failed to load");
+                Err(RepoError::LoadFailed {
+                    model: name.to_owned(),
+                    reason,
+                })
+            }
+        }
+    }
+
+    fn chosen_version(&self, name: &str, model: &Found) -> u64 {
+        let highest = *model
+            .versions
+            .keys()
+            .next_back()
+            .expect("a model has a version");
+        let pinned = self.pins.get(name).copied().or_else(|| {
+            read_overrides(&model.folder.join("config.json"))
+                .ok()
+                .and_then(|o| o.version)
+        });
+        pinned.unwrap_or(highest)
+    }
+
+    /// Builds, starts and warms one version; the pipeline and its files' fingerprint, or why not.
+    async fn start_version(
+        &self,
+        name: &str,
+        model: &Found,
+        version: u64,
+    ) -> Result<(Arc<Pipeline>, Fingerprint), String> {
+        let Some(dir) = model.versions.get(&version) else {
+            return Err(format!(
+                "version {version} is not in the repository (found: {})",
+                model
+                    .versions
+                    .keys()
+                    .map(u64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let spec = self.spec(name, version, &model.folder, dir)?;
+        let fingerprint = fingerprint(&spec);
+        let pipeline = Arc::new(
+            Pipeline::start(spec, &self.shared)
+                .map_err(|e| format!("starting its worker thread: {e}"))?,
+        );
+        let report = pipeline.wait_loaded().await?;
+        let m = self.shared.metrics.model(name);
+        m.load_seconds.set(report.load_time.as_secs_f64());
+        m.warmup_seconds.set(report.warmup_time.as_secs_f64());
+        Ok((pipeline, fingerprint))
+    }
+
+    fn spec(
+        &self,
+        name: &str,
+        version: u64,
+        folder: &Path,
+        dir: &Path,
+    ) -> Result<ModelSpec, String> {
+        let meta = ModelMetadata::load(dir).map_err(|e| format!("{e:#}"))?;
+        let mut settings = self.defaults.clone();
+        let mut files = vec![folder.join("config.json")];
+        if dir != folder {
+            files.push(dir.join("config.json"));
+        }
+        for file in files {
+            let o = read_overrides(&file)?;
+            settings = settings.with(&o);
+        }
+        settings
+            .validate(self.max_images_per_request, self.request_timeout_ms, |k| {
+                format!("`{k}`")
+            })
+            .map_err(|e| format!("config.json of {name}: {e}"))?;
+        Ok(ModelSpec {
+            name: name.to_owned(),
+            version,
+            dir: dir.to_path_buf(),
+            meta,
+            settings,
+        })
+    }
+
+    /// Stops serving the model. Requests in flight finish on it; its worker ends after them.
+    pub async fn unload(&self, name: &str) -> Result<ModelView, RepoError> {
+        let slot = self.slot(name).ok_or_else(|| RepoError::NotFound {
+            name: name.to_owned(),
+            available: self.names(),
+        })?;
+        let _op = slot.op.lock().await;
+        let old = slot.serving.write().unwrap().take();
+        {
+            let mut s = slot.status.lock().unwrap();
+            s.wanted = false;
+            s.failure = None;
+            s.fingerprint = None;
+            if let Some(p) = &old {
+                s.unloading = true;
+                s.versions
+                    .insert(p.version, version_status(p.version, "unloaded", None));
+            }
+        }
+        self.shared.metrics.set_model_info(name, None);
+        self.publish_state(name, &slot);
+        if let Some(pipeline) = old {
+            // Wait for the worker's end without holding the pipeline, whose last holder
+            // closes its queue.
+            let mut exited = pipeline.exit_watch();
+            drop(pipeline);
+            let slot = slot.clone();
+            let metrics = self.shared.metrics.clone();
+            let name = name.to_owned();
+            tokio::spawn(async move {
+                let _ = exited.wait_for(WorkerState::has_exited).await;
+                slot.status.lock().unwrap().unloading = false;
+                metrics.set_model_state(&name, ModelState::Unavailable.as_str());
+                tracing::info!(model = %name, "model unloaded");
+            });
+        }
+        Ok(self.view(name).expect("the slot exists"))
+    }
+
+    /// Closes every model's queue (shutdown): their workers finish what is queued and end.
+    /// Returns the pipelines so that the caller can wait for them.
+    pub fn close_all(&self) -> Vec<Arc<Pipeline>> {
+        let slots: Vec<Arc<Slot>> = self.slots.read().unwrap().values().cloned().collect();
+        slots
+            .iter()
+            .filter_map(|s| s.serving.write().unwrap().take())
+            .inspect(|p| p.close())
+            .collect()
+    }
+
+    /// Loads what should be loaded: new models and versions, files changed in place; unloads
+    /// models whose folder is gone. Models unloaded through the API stay unloaded.
+    pub async fn poll(&self) {
+        let found = match self.discover() {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e, "scanning the model repository failed");
+                return;
+            }
+        };
+        for (name, model) in &found {
+            let slot = self.slot(name);
+            let want = match &slot {
+                None => true,
+                Some(slot) => {
+                    let s = slot.status.lock().unwrap();
+                    let serving = slot.serving.read().unwrap().clone();
+                    let chosen = self.chosen_version(name, model);
+                    s.wanted
+                        && s.loading.is_none()
+                        && match serving {
+                            None => s.versions.get(&chosen).is_none_or(|v| v.state != "failed"),
+                            Some(p) => {
+                                p.version != chosen
+                                    || self
+                                        .spec_fingerprint(name, chosen, model)
+                                        .is_some_and(|f| Some(&f) != s.fingerprint.as_ref())
+                            }
+                        }
+                }
+            };
+            if want {
+                tracing::info!(model = %name, "repository change: loading");
+                let _ = self.load(name).await;
+            }
+        }
+        for name in self.names() {
+            let serving = self
+                .slot(&name)
+                .is_some_and(|s| s.serving.read().unwrap().is_some());
+            if !found.contains_key(&name) && serving {
+                tracing::info!(model = %name, "repository change: the model's folder is gone; unloading");
+                let _ = self.unload(&name).await;
+            }
+        }
+    }
+
+    fn spec_fingerprint(&self, name: &str, version: u64, model: &Found) -> Option<Fingerprint> {
+        let dir = model.versions.get(&version)?;
+        self.spec(name, version, &model.folder, dir)
+            .ok()
+            .map(|s| fingerprint(&s))
+    }
+
+    /// `Ok` when every model that should be loaded is served and ready; otherwise what is not.
+    pub fn readiness(&self) -> Result<(), Vec<Problem>> {
+        let slots: Vec<(String, Arc<Slot>)> = self
+            .slots
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        if slots.is_empty() {
+            return Err(vec![Problem {
+                model: String::new(),
+                state: ModelState::Unavailable,
+                reason: "no model found in the repository".into(),
+            }]);
+        }
+        let mut problems = Vec::new();
+        for (name, slot) in slots {
+            let wanted = slot.status.lock().unwrap().wanted;
+            let serving = slot.serving.read().unwrap().is_some();
+            if !(wanted || serving) {
+                continue;
+            }
+            let v = self.view_of(&name, &slot);
+            if v.state != ModelState::Ready {
+                problems.push(Problem {
+                    model: name,
+                    state: v.state,
+                    reason: v.reason.unwrap_or_else(|| v.state.as_str().to_owned()),
+                });
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+
+    /// Whether a served model's worker has stopped (only a reload or a restart helps).
+    pub fn stopped_workers(&self) -> Vec<String> {
+        self.slots
+            .read()
+            .unwrap()
+            .iter()
+            .filter(|(_, s)| {
+                s.serving
+                    .read()
+                    .unwrap()
+                    .as_ref()
+                    .is_some_and(|p| p.has_stopped())
+            })
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    pub fn views(&self) -> Vec<ModelView> {
+        let slots: Vec<(String, Arc<Slot>)> = self
+            .slots
+            .read()
+            .unwrap()
+            .iter()
+            .map(|(n, s)| (n.clone(), s.clone()))
+            .collect();
+        slots.iter().map(|(n, s)| self.view_of(n, s)).collect()
+    }
+
+    pub fn view(&self, name: &str) -> Option<ModelView> {
+        self.slot(name).map(|s| self.view_of(name, &s))
+    }
+
+    fn view_of(&self, name: &str, slot: &Slot) -> ModelView {
+        let s = slot.status.lock().unwrap();
+        let serving = slot.serving.read().unwrap().clone();
+        let (state, reason) = match (&serving, &s) {
+            (Some(p), _) => match p.readiness() {
+                Ok(()) => (ModelState::Ready, None),
+                Err(_) if matches!(p.state(), WorkerState::Loading) => (ModelState::Loading, None),
+                Err(why) => (ModelState::Unavailable, Some(why)),
+            },
+            (None, s) if s.loading.is_some() => (ModelState::Loading, None),
+            (None, s) if s.unloading => (ModelState::Unloading, None),
+            (None, s) if s.failure.is_some() => (ModelState::Failed, s.failure.clone()),
+            (None, s) if s.wanted => (ModelState::Loading, None),
+            (None, _) => (
+                ModelState::Unavailable,
+                Some(format!(
+                    "it is not loaded (load it with POST /models/{name}/load)"
+                )),
+            ),
+        };
+        // A failed newer version is reported beside the one still being served.
+        let reason = reason.or_else(|| {
+            serving.as_ref().and(
+                s.versions
+                    .values()
+                    .rev()
+                    .find(|v| v.state == "failed")
+                    .map(|v| {
+                        format!(
+                            "version {} failed to load: {}",
+                            v.version,
+                            v.reason.clone().unwrap_or_default()
+                        )
+                    }),
+            )
+        });
+        let report = serving.as_ref().and_then(|p| match p.state() {
+            WorkerState::Ready(r) => Some(r),
+            _ => None,
+        });
+        ModelView {
+            name: name.to_owned(),
+            state,
+            reason,
+            version: serving.as_ref().map(|p| p.version),
+            versions: s.versions.values().cloned().collect(),
+            default: self.default_model().as_deref() == Some(name),
+            device: report.as_ref().map(|r| r.device.clone()),
+            precision: serving
+                .as_ref()
+                .map(|p| format!("{:?}", p.settings.precision).to_lowercase()),
+            trained: serving.as_ref().map(|p| p.meta.trained),
+            quantized: serving.as_ref().and_then(|p| p.meta.quantized.clone()),
+            weights: serving.as_ref().and_then(|p| p.meta.weights.clone()),
+            max_batch_size: serving.as_ref().map(|p| p.settings.max_batch_size),
+            queue_capacity: serving.as_ref().map(|p| p.capacity()),
+            inflight_images: serving.as_ref().map(|p| p.places_in_use()),
+            load_ms: report.as_ref().map(|r| r.load_time.as_secs_f64() * 1e3),
+            warmup_ms: report.as_ref().map(|r| r.warmup_time.as_secs_f64() * 1e3),
+        }
+    }
+
+    fn publish_state(&self, name: &str, slot: &Slot) {
+        let state = self.view_of(name, slot).state;
+        self.shared.metrics.set_model_state(name, state.as_str());
+    }
+}
+
+fn version_status(version: u64, state: &'static str, reason: Option<String>) -> VersionStatus {
+    VersionStatus {
+        version,
+        state,
+        reason,
+    }
+}
+
+fn read_overrides(path: &Path) -> Result<ModelOverrides, String> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelOverrides::default()),
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+/// Names a model folder may have: they become URL path segments and metric labels.
+pub fn valid_model_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+}
+
+/// The models of a repository folder: each subfolder holding `metadata.json` (version 1) or
+/// numbered folders holding one. Other entries are skipped.
+fn discover_repository(root: &Path) -> Result<BTreeMap<String, Found>, String> {
+    let entries = std::fs::read_dir(root)
+        .map_err(|e| format!("reading the model repository {}: {e}", root.display()))?;
+    let mut found = BTreeMap::new();
+    for entry in entries.flatten() {
+        let folder = entry.path();
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !folder.is_dir() || name.starts_with('.') || name == "__pycache__" {
+            continue;
+        }
+        let mut versions = BTreeMap::new();
+        if let Ok(inner) = std::fs::read_dir(&folder) {
+            for v in inner.flatten() {
+                let number = v.file_name().to_str().and_then(|s| s.parse::<u64>().ok());
+                if let Some(n) = number
+                    && n > 0
+                    && v.path().join("metadata.json").is_file()
+                {
+                    versions.insert(n, v.path());
+                }
+            }
+        }
+        if versions.is_empty() && folder.join("metadata.json").is_file() {
+            versions.insert(1, folder.clone());
+        }
+        if versions.is_empty() {
+            tracing::debug!(folder = %folder.display(), "not a model folder: skipped");
+            continue;
+        }
+        if !valid_model_name(&name) {
+            tracing::warn!(folder = %folder.display(), "a model folder's name must be letters, digits, '_', '-' or '.', at most 64 long: skipped");
+            continue;
+        }
+        found.insert(name, Found { folder, versions });
+    }
+    Ok(found)
+}
+
+fn fingerprint(spec: &ModelSpec) -> Fingerprint {
+    let mut files = vec![
+        spec.meta.model_path(&spec.dir),
+        spec.dir.join("metadata.json"),
+        spec.dir.join("config.json"),
+    ];
+    if let Some(folder) = spec.dir.parent() {
+        files.push(folder.join("config.json"));
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let m = std::fs::metadata(&f).ok();
+            let len = m.as_ref().map_or(0, |m| m.len());
+            let mtime = m.and_then(|m| m.modified().ok());
+            (f, len, mtime)
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_model(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        std::fs::write(
+            dir.join("metadata.json"),
+            r#"{"name":"m","labels":["a","b"]}"#,
+        )
+        .unwrap();
+    }
+
+    #[test]
+    fn finds_flat_and_versioned_models_and_skips_the_rest() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        write_model(&r.join("flat"));
+        write_model(&r.join("versioned/1"));
+        write_model(&r.join("versioned/3"));
+        std::fs::create_dir_all(r.join("versioned/notes")).unwrap();
+        std::fs::create_dir_all(r.join("versioned/0")).unwrap();
+        std::fs::create_dir_all(r.join("empty")).unwrap();
+        std::fs::create_dir_all(r.join("__pycache__")).unwrap();
+        write_model(&r.join("bad name!"));
+        std::fs::write(r.join("export.py"), "").unwrap();
+        let found = discover_repository(r).unwrap();
+        assert_eq!(found.keys().collect::<Vec<_>>(), ["flat", "versioned"]);
+        assert_eq!(found["flat"].versions.keys().collect::<Vec<_>>(), [&1]);
+        assert_eq!(
+            found["versioned"].versions.keys().collect::<Vec<_>>(),
+            [&1, &3]
+        );
+        assert!(discover_repository(&r.join("missing")).is_err());
+    }
+
+    #[test]
+    fn model_names_are_bounded() {
+        for ok in ["resnet18", "efficientnet_lite0", "a-b.c"] {
+            assert!(valid_model_name(ok), "{ok}");
+        }
+        for bad in ["", ".hidden", "a b", "a/b", "ü", &"x".repeat(65)] {
+            assert!(!valid_model_name(bad), "{bad}");
+        }
+    }
+}

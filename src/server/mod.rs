@@ -1,0 +1,317 @@
+//! Assembling and running the server: the shared state, the repository's initial loads, the
+//! listener, the repository poller, and the shutdown sequence.
+//!
+//! Shutdown, on the one cancellation token: `/health` turns 503 at once; the listener keeps
+//! serving for `--shutdown-delay-secs` (so load balancers stop sending first), then closes; the
+//! connections get until `--shutdown-timeout-secs` after that to finish their requests and are
+//! dropped if they have not; the models' queues close and their workers get what is left of
+//! that time to end. `serve` returns by then in every case; a forward pass that never ends is
+//! left behind on its own thread, and the process exits without it.
+
+pub mod listener;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{ModelSource, ServeConfig};
+use crate::error::ApiError;
+use crate::model::threads::CpuBudget;
+use crate::model::{Backend, TorchBackend, torch};
+use crate::pipeline::Shared;
+use crate::repository::{ModelState, Repository};
+use crate::telemetry::Metrics;
+use listener::ConnectionLimits;
+
+/// What the front doors share.
+pub struct AppState {
+    pub config: ServeConfig,
+    pub repository: Arc<Repository>,
+    pub metrics: Arc<Metrics>,
+    shutting_down: AtomicBool,
+    uploads: Arc<Semaphore>,
+}
+
+/// Whether the server takes traffic, as `/health` says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// A model that should be loaded is still loading.
+    Starting(Vec<String>),
+    /// A model that should be served is not: failed, stopped, failing.
+    Unhealthy(Vec<String>),
+    ShuttingDown,
+}
+
+impl AppState {
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(Ordering::Acquire)
+    }
+
+    pub fn begin_shutdown(&self) {
+        self.shutting_down.store(true, Ordering::Release);
+        self.metrics.ready.set(0);
+    }
+
+    pub fn readiness(&self) -> Readiness {
+        let r = if self.is_shutting_down() {
+            Readiness::ShuttingDown
+        } else {
+            match self.repository.readiness() {
+                Ok(()) => Readiness::Ready,
+                Err(problems) => {
+                    let loading = problems.iter().all(|p| p.state == ModelState::Loading);
+                    let problems = problems.iter().map(ToString::to_string).collect();
+                    if loading {
+                        Readiness::Starting(problems)
+                    } else {
+                        Readiness::Unhealthy(problems)
+                    }
+                }
+            }
+        };
+        self.metrics
+            .ready
+            .set(i64::from(matches!(r, Readiness::Ready)));
+        r
+    }
+
+    /// A place to receive one request body, or a refusal at once: bounds upload memory.
+    pub fn begin_upload(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.uploads.clone().try_acquire_owned().map_err(|_| {
+            ApiError::Overloaded(format!(
+                "the server is receiving {} request bodies already; retry shortly",
+                self.config.max_pending_uploads
+            ))
+        })
+    }
+}
+
+/// Each model's name and the outcome of its first load.
+type InitialLoads = JoinHandle<Vec<(String, Result<(), String>)>>;
+
+/// A server whose models are loading.
+pub struct Server {
+    pub state: Arc<AppState>,
+    loading: Option<InitialLoads>,
+}
+
+impl Server {
+    /// Builds the state, finds the models and starts loading every one of them; returns at
+    /// once. `/live` answers from the start, `/health` once the models are ready.
+    pub fn start(config: ServeConfig, backend: Arc<dyn Backend>) -> anyhow::Result<Self> {
+        config.validate().map_err(anyhow::Error::msg)?;
+        let metrics = Arc::new(Metrics::new());
+        let (preprocess_threads, _) = config.thread_split();
+        metrics
+            .build_info
+            .with_label_values(&[
+                env!("CARGO_PKG_VERSION"),
+                &torch::libtorch_version(),
+                &crate::config::cpu_features().join(","),
+            ])
+            .set(1);
+        let cpu_budget = match config.cpu_budget {
+            0 => crate::config::available_cpus(),
+            n => n,
+        };
+        let shared = Shared {
+            backend,
+            pool: Arc::new(
+                Shared::decode_pool(preprocess_threads).context("starting the decoding pool")?,
+            ),
+            cpu_budget: Arc::new(CpuBudget::new(cpu_budget)),
+            metrics: metrics.clone(),
+            max_image_pixels: config.max_image_pixels,
+            inter_op_threads: config.inter_op_threads,
+            niceness: config.inference_niceness,
+        };
+        let repository = Arc::new(Repository::new(&config, shared));
+        let names = repository.discover_all()?;
+        let loading = {
+            let repository = repository.clone();
+            tokio::spawn(async move {
+                let loads = names.into_iter().map(|name| {
+                    let repository = repository.clone();
+                    async move {
+                        let r = repository
+                            .load(&name)
+                            .await
+                            .map(|_| ())
+                            .map_err(|e| e.to_string());
+                        (name, r)
+                    }
+                });
+                futures_util::future::join_all(loads).await
+            })
+        };
+        let state = Arc::new(AppState {
+            uploads: Arc::new(Semaphore::new(config.max_pending_uploads)),
+            config,
+            repository,
+            metrics,
+            shutting_down: AtomicBool::new(false),
+        });
+        Ok(Self {
+            state,
+            loading: Some(loading),
+        })
+    }
+
+    pub fn router(&self) -> axum::Router {
+        crate::api::router(self.state.clone())
+    }
+
+    /// Waits until every model has been loaded and warmed (or failed to be); an error names
+    /// those that failed.
+    pub async fn wait_ready(&mut self) -> anyhow::Result<()> {
+        let Some(loading) = self.loading.take() else {
+            return Ok(());
+        };
+        let failed: Vec<String> = loading
+            .await
+            .context("the loading task")?
+            .into_iter()
+            .filter_map(|(_, r)| r.err())
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            anyhow::bail!("{}", failed.join("; "))
+        }
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled, then shuts down in bounded time (see
+    /// the module's documentation). With `--model-dir`, a model that fails to load stops the
+    /// server with the reason; in a repository it is reported and the others are served.
+    pub async fn serve(
+        mut self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        let state = self.state.clone();
+        let config = &state.config;
+        let fatal: Arc<std::sync::Mutex<Option<anyhow::Error>>> = Default::default();
+        let single = matches!(config.model_source(), ModelSource::Single(_));
+        if let Some(loading) = self.loading.take() {
+            let (fatal, shutdown) = (fatal.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                let Ok(results) = loading.await else { return };
+                for (name, result) in results {
+                    match result {
+                        Ok(()) => tracing::info!(model = %name, "ready"),
+                        Err(why) if single => {
+                            *fatal.lock().unwrap() =
+                                Some(anyhow::anyhow!(why).context("loading the model"));
+                            shutdown.cancel();
+                        }
+                        Err(_) => {}
+                    }
+                }
+            });
+        }
+        if config.poll_repository_secs > 0 && !single {
+            let (repository, shutdown) = (state.repository.clone(), shutdown.clone());
+            let every = Duration::from_secs(config.poll_repository_secs);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(every) => repository.poll().await,
+                    }
+                }
+            });
+        }
+        let stop_accepting = CancellationToken::new();
+        let limits = ConnectionLimits {
+            max_connections: config.max_connections,
+            header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+        };
+        let accepting = tokio::spawn(listener::accept(
+            listener,
+            self.router(),
+            limits,
+            state.metrics.clone(),
+            stop_accepting.clone(),
+        ));
+
+        shutdown.cancelled().await;
+        state.begin_shutdown();
+        let failed_to_start = fatal.lock().unwrap().is_some();
+        if !failed_to_start {
+            let delay = Duration::from_secs(config.shutdown_delay_secs);
+            tracing::info!(
+                delay_secs = delay.as_secs(),
+                "shutting down: /health now 503, still serving for the delay"
+            );
+            tokio::time::sleep(delay).await;
+        }
+        stop_accepting.cancel();
+        let deadline = Instant::now() + Duration::from_secs(config.shutdown_timeout_secs);
+        let connections = accepting.await.context("the accepting task")?;
+        if !connections.drain(deadline).await {
+            tracing::warn!(
+                timeout_secs = config.shutdown_timeout_secs,
+                "requests still in flight at the shutdown timeout were dropped"
+            );
+        }
+        let pipelines = state.repository.close_all();
+        let workers = futures_util::future::join_all(pipelines.iter().map(|p| p.wait_exited()));
+        if tokio::time::timeout_at(deadline, workers).await.is_err() {
+            tracing::warn!(
+                "a model's forward pass was still running at the shutdown timeout; exiting without it"
+            );
+        }
+        let fatal = fatal.lock().unwrap().take();
+        fatal.map_or(Ok(()), Err)
+    }
+}
+
+/// `tch-serve serve`: load the configured models and serve until SIGTERM/SIGINT.
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    config.validate().map_err(anyhow::Error::msg)?;
+    let (pre, intra) = config.thread_split();
+    tracing::info!(
+        config = %serde_json::to_string(&config).unwrap_or_default(),
+        libtorch = %torch::libtorch_version(),
+        cpus = crate::config::available_cpus(),
+        cpu_features = %crate::config::cpu_features().join(","),
+        preprocess_threads = pre,
+        intra_op_threads = intra,
+        "starting tch-serve {}",
+        env!("CARGO_PKG_VERSION")
+    );
+    let addr = std::net::SocketAddr::new(config.host, config.port);
+    let server = Server::start(config, Arc::new(TorchBackend))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr} (change --port / TCH_SERVE_PORT)"))?;
+    tracing::info!(%addr, "listening");
+    server
+        .serve(listener, crate::shutdown::on_signals())
+        .await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// `tch-serve healthcheck`: GET /health on the local server; true for a 200.
+pub async fn healthcheck(port: u16, timeout: Duration) -> bool {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let attempt = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream
+            .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut buf = Vec::with_capacity(1024);
+        stream.read_to_end(&mut buf).await?;
+        Ok::<_, std::io::Error>(buf.starts_with(b"HTTP/1.1 200"))
+    };
+    matches!(tokio::time::timeout(timeout, attempt).await, Ok(Ok(true)))
+}
