@@ -49,6 +49,10 @@ pub struct ModelMetadata {
     /// Where the weights came from.
     #[serde(default)]
     pub weights: Option<String>,
+    /// The resize filter the model was trained with. The server resizes bilinearly, as
+    /// torchvision's `Resize` does by default; another filter is served with a warning.
+    #[serde(default)]
+    pub interpolation: Option<String>,
     /// The quantization scheme (`int8`) of a quantized model, which runs only in the precision
     /// it was quantized to; absent or `false` for a float model.
     #[serde(

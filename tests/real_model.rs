@@ -318,3 +318,38 @@ async fn concurrent_photos_each_get_their_own_answer() {
         .unwrap()
         .unwrap();
 }
+
+/// A normalised tensor sent as such (the protocol's FP32 input) gets the same answer as the
+/// image's bytes normalised by the model, in both memory formats.
+#[test]
+fn tensor_input_matches_pixel_input() {
+    let refs = references();
+    for format in [MemoryFormat::ChannelsLast, MemoryFormat::Contiguous] {
+        let (mut model, meta) = load_as(Precision::Fp32, format);
+        let pre = Preprocessor::for_model(&meta, 100_000_000);
+        let pixels = pre
+            .run(&std::fs::read(test_data_dir().join(&refs[0].file)).unwrap())
+            .unwrap()
+            .pixels;
+        let hwc = tch_serve::preprocess::normalize(&pixels, meta.mean, meta.std);
+        let plane = (meta.input_size as usize).pow(2);
+        let mut chw = vec![0f32; hwc.len()];
+        for (i, px) in hwc.chunks_exact(3).enumerate() {
+            for c in 0..3 {
+                chw[c * plane + i] = px[c];
+            }
+        }
+        let a = model.forward(&pixels, 1).unwrap();
+        let b = model.forward_tensor(&chw, 1).unwrap();
+        let diff = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff < 1e-5,
+            "{format:?}: tensor and pixel inputs differ by {diff}"
+        );
+        assert!(model.forward_tensor(&chw[1..], 1).is_err());
+    }
+}

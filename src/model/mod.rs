@@ -19,6 +19,9 @@ pub use torch::{TorchBackend, TorchClassifier};
 /// itself and returns `n * num_classes()` probabilities.
 pub trait Classifier: Send {
     fn forward(&mut self, pixels: &[u8], n: usize) -> anyhow::Result<Vec<f32>>;
+    /// The same on `n` input tensors already scaled and normalised: `[n, 3, size, size]`
+    /// floats, NCHW (the Open Inference Protocol's preprocessed input).
+    fn forward_tensor(&mut self, input: &[f32], n: usize) -> anyhow::Result<Vec<f32>>;
     fn num_classes(&self) -> usize;
     /// Side of the square input, in pixels.
     fn input_size(&self) -> usize;

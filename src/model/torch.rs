@@ -134,6 +134,13 @@ impl TorchClassifier {
         precision: Precision,
         memory_format: MemoryFormat,
     ) -> anyhow::Result<Self> {
+        if meta.quantized.is_some() && device.is_cuda() {
+            bail!(
+                "the model {} is quantized ({}): its kernels run on the CPU only; serve it with --device cpu (or `device` in its config.json)",
+                meta.name,
+                meta.quantized.as_deref().unwrap_or_default()
+            );
+        }
         if meta.quantized.is_some() && precision != Precision::Fp32 {
             bail!(
                 "the model {} is quantized ({}): it runs in the precision it was quantized to; \
@@ -141,6 +148,15 @@ impl TorchClassifier {
                 meta.name,
                 meta.quantized.as_deref().unwrap_or_default(),
                 format!("{precision:?}").to_lowercase()
+            );
+        }
+        if let Some(f) = &meta.interpolation
+            && !f.eq_ignore_ascii_case("bilinear")
+        {
+            tracing::warn!(
+                model = %meta.name,
+                interpolation = %f,
+                "the model was trained with {f} resizing; the server resizes bilinearly, so its answers may differ slightly from the reference"
             );
         }
         let path = meta.model_path(dir);
@@ -191,7 +207,7 @@ impl TorchClassifier {
             .all(|(_, p)| is_channels_last(&p.size(), &p.stride())))
     }
 
-    fn forward_tensor(&self, pixels: &[u8], n: usize) -> Result<Tensor, tch::TchError> {
+    fn normalised_pixels(&self, pixels: &[u8], n: usize) -> Result<Tensor, tch::TchError> {
         let s = self.size;
         // HWC bytes viewed as NHWC, permuted to an NCHW-shaped view with channels-last strides,
         // moved to the device as bytes (a quarter of the traffic of floats), then scaled and
@@ -203,11 +219,29 @@ impl TorchClassifier {
             .f_to_kind(Kind::Float)?
             .f_mul(&self.scale)?
             .f_add(&self.shift)?;
-        let x = if self.channels_last {
-            x
+        if self.channels_last {
+            Ok(x)
         } else {
-            x.f_contiguous()?
+            x.f_contiguous()
+        }
+    }
+
+    /// NCHW floats, given channels-last strides when the weights have them.
+    fn tensor_input(&self, input: &[f32], n: usize) -> Result<Tensor, tch::TchError> {
+        let s = self.size;
+        let x = Tensor::f_from_slice(input)?.f_view([n as i64, 3, s, s])?;
+        let x = if self.channels_last {
+            x.f_permute([0, 2, 3, 1])?
+                .f_contiguous()?
+                .f_permute([0, 3, 1, 2])?
+        } else {
+            x
         };
+        x.f_to_device(self.device)
+    }
+
+    /// Probabilities for a batch already on the device, in f32, on the CPU.
+    fn probabilities(&self, x: Tensor) -> Result<Tensor, tch::TchError> {
         let x = x.f_to_kind(self.kind)?;
         let logits = self.module.forward_ts(&[x])?;
         logits
@@ -219,24 +253,15 @@ impl TorchClassifier {
 
 impl Classifier for TorchClassifier {
     fn forward(&mut self, pixels: &[u8], n: usize) -> anyhow::Result<Vec<f32>> {
-        let expected = n * (self.size as usize).pow(2) * 3;
-        if pixels.len() != expected {
-            bail!(
-                "{} input bytes for {n} images of {}x{}",
-                pixels.len(),
-                self.size,
-                self.size
-            );
-        }
-        let probs = self.forward_tensor(pixels, n)?;
-        let dims = probs.size();
-        if dims != [n as i64, self.classes as i64] {
-            bail!(
-                "model output has shape {dims:?}, expected [{n}, {}] (one score per label in metadata.json)",
-                self.classes
-            );
-        }
-        Ok(Vec::<f32>::try_from(probs.f_flatten(0, -1)?)?)
+        self.check_len(pixels.len(), n)?;
+        let probs = self.probabilities(self.normalised_pixels(pixels, n)?)?;
+        self.flatten(probs, n)
+    }
+
+    fn forward_tensor(&mut self, input: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
+        self.check_len(input.len(), n)?;
+        let probs = self.probabilities(self.tensor_input(input, n)?)?;
+        self.flatten(probs, n)
     }
 
     fn num_classes(&self) -> usize {
@@ -254,6 +279,31 @@ impl Classifier for TorchClassifier {
         } else {
             n
         }
+    }
+}
+
+impl TorchClassifier {
+    fn check_len(&self, len: usize, n: usize) -> anyhow::Result<()> {
+        let expected = n * (self.size as usize).pow(2) * 3;
+        if len != expected {
+            bail!(
+                "{len} input values for {n} images of {}x{}",
+                self.size,
+                self.size
+            );
+        }
+        Ok(())
+    }
+
+    fn flatten(&self, probs: Tensor, n: usize) -> anyhow::Result<Vec<f32>> {
+        let dims = probs.size();
+        if dims != [n as i64, self.classes as i64] {
+            bail!(
+                "model output has shape {dims:?}, expected [{n}, {}] (one score per label in metadata.json)",
+                self.classes
+            );
+        }
+        Ok(Vec::<f32>::try_from(probs.f_flatten(0, -1)?)?)
     }
 }
 

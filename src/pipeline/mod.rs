@@ -30,7 +30,7 @@ use tokio::sync::{oneshot, watch};
 
 pub use admission::Place;
 use admission::Places;
-use worker::{Health, Job};
+use worker::{Health, Input, Job};
 pub use worker::{LoadReport, WorkerState};
 
 use crate::config::ModelSettings;
@@ -281,7 +281,7 @@ impl Pipeline {
                 return;
             }
             let job = Job {
-                pixels: decoded.pixels,
+                input: Input::Pixels(decoded.pixels),
                 image: ImageInfo {
                     width: decoded.width,
                     height: decoded.height,
@@ -307,6 +307,52 @@ impl Pipeline {
             answer,
             model: self.name.clone(),
         }
+    }
+
+    /// Floats per input tensor: `3 * input_size * input_size`.
+    pub fn tensor_len(&self) -> usize {
+        3 * (self.meta.input_size as usize).pow(2)
+    }
+
+    /// Queues one input tensor as the model takes it (`[3, input_size, input_size]` floats, CHW,
+    /// normalised with the model's mean and std), skipping decoding. A tensor of the wrong size
+    /// is refused at once.
+    pub fn submit_tensor(&self, place: Place, tensor: Vec<f32>) -> Pending {
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            answer,
+            model: self.name.clone(),
+        };
+        if tensor.len() != self.tensor_len() {
+            let _ = reply.send(Err(PipelineError::InferenceFailed {
+                detail: format!(
+                    "{} floats for a tensor of {}",
+                    tensor.len(),
+                    self.tensor_len()
+                ),
+            }));
+            return pending;
+        }
+        let size = self.meta.input_size;
+        let job = Job {
+            input: Input::Tensor(tensor),
+            image: ImageInfo {
+                width: size,
+                height: size,
+                format: "tensor",
+                preprocess_time: Duration::ZERO,
+            },
+            enqueued: Instant::now(),
+            reply,
+            _place: place,
+        };
+        if let Err(job) = self.queue.push(job) {
+            let _ = job.reply.send(Err(PipelineError::Unavailable {
+                model: self.name.clone(),
+                reason: "the model is being unloaded".into(),
+            }));
+        }
+        pending
     }
 
     /// Closes the queue: the worker finishes what is queued (skipping what nobody waits for

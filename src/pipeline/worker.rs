@@ -23,10 +23,27 @@ use crate::telemetry::ModelMetrics;
 /// Forward passes failing in a row before the model reports itself unhealthy.
 pub const FAILURES_BEFORE_UNHEALTHY: u32 = 3;
 
+/// What a job holds for the model.
+pub(crate) enum Input {
+    /// An image's resized and cropped RGB bytes, HWC.
+    Pixels(Vec<u8>),
+    /// A tensor sent as such: `3 * size * size` floats, CHW, already normalised.
+    Tensor(Vec<f32>),
+}
+
+impl Input {
+    fn len(&self) -> usize {
+        match self {
+            Self::Pixels(p) => p.len(),
+            Self::Tensor(t) => t.len(),
+        }
+    }
+}
+
 /// One decoded image waiting for the model. Its place in the pipeline travels with it and is
 /// given back when the job is dropped: after its answer is sent, or when it is skipped.
 pub(crate) struct Job {
-    pub pixels: Vec<u8>,
+    pub input: Input,
     pub image: ImageInfo,
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<Classified, PipelineError>>,
@@ -230,93 +247,137 @@ fn run(
     budget: Option<&CpuBudget>,
     threads: usize,
 ) {
-    let classes = model.num_classes();
     let per_image = model.input_size().pow(2) * 3;
-    let mut input: Vec<u8> = Vec::new();
+    let mut pixels: Vec<u8> = Vec::new();
+    let mut floats: Vec<f32> = Vec::new();
     while let Some(batch) = next_batch(rx, policy.max_batch_size, policy.max_batch_delay) {
         metrics.queue_depth.sub(batch.len() as i64);
         let taken = Instant::now();
         // Jobs whose request has ended are dropped here, which gives their places back.
         let (live, gone): (Vec<Job>, Vec<Job>) = batch
             .into_iter()
-            .partition(|j| !j.reply.is_closed() && j.pixels.len() == per_image);
+            .partition(|j| !j.reply.is_closed() && j.input.len() == per_image);
         for job in gone {
             if job.reply.is_closed() {
                 metrics.cancelled_images.inc();
             } else {
-                let detail = format!("{} input bytes, expected {per_image}", job.pixels.len());
+                let detail = format!("{} input values, expected {per_image}", job.input.len());
                 let _ = job
                     .reply
                     .send(Err(PipelineError::InferenceFailed { detail }));
             }
         }
-        if live.is_empty() {
-            continue;
-        }
-        let n = live.len();
-        let padded = model.padded_batch(n).max(n);
-        input.clear();
-        for job in &live {
-            input.extend_from_slice(&job.pixels);
-        }
-        input.resize(padded * per_image, 0);
-        let share = budget.map(|b| b.acquire(threads));
-        let start = Instant::now();
-        let result = catch_unwind(AssertUnwindSafe(|| model.forward(&input, padded)))
+        // Decoded images and tensors sent as such run as separate forward passes.
+        let (images, tensors): (Vec<Job>, Vec<Job>) = live
+            .into_iter()
+            .partition(|j| matches!(j.input, Input::Pixels(_)));
+        for group in [images, tensors] {
+            if group.is_empty() {
+                continue;
+            }
+            let n = group.len();
+            let padded = model.padded_batch(n).max(n);
+            let share = budget.map(|b| b.acquire(threads));
+            let start = Instant::now();
+            let result = catch_unwind(AssertUnwindSafe(|| match &group[0].input {
+                Input::Pixels(_) => {
+                    pixels.clear();
+                    for job in &group {
+                        if let Input::Pixels(p) = &job.input {
+                            pixels.extend_from_slice(p);
+                        }
+                    }
+                    pixels.resize(padded * per_image, 0);
+                    model.forward(&pixels, padded)
+                }
+                Input::Tensor(_) => {
+                    floats.clear();
+                    for job in &group {
+                        if let Input::Tensor(t) = &job.input {
+                            floats.extend_from_slice(t);
+                        }
+                    }
+                    floats.resize(padded * per_image, 0.0);
+                    model.forward_tensor(&floats, padded)
+                }
+            }))
             .unwrap_or_else(|p| {
                 Err(anyhow::anyhow!(
                     "the forward pass panicked: {}",
                     panic_message(&p)
                 ))
             });
-        let inference_time = start.elapsed();
-        drop(share);
-        metrics.batch_size.observe(n as f64);
-        metrics
-            .inference_duration
-            .observe(inference_time.as_secs_f64());
-        let failure = match result {
-            Ok(probs) if probs.len() >= n * classes => {
-                health.success();
-                metrics.images.inc_by(n as u64);
-                for (i, job) in live.into_iter().enumerate() {
-                    let queue_time = taken.saturating_duration_since(job.enqueued);
-                    metrics.queue_wait.observe(queue_time.as_secs_f64());
-                    // The image's work is done: its place comes back before the answer goes.
-                    let Job {
-                        reply,
-                        image,
-                        _place: place,
-                        ..
-                    } = job;
-                    drop(place);
-                    let _ = reply.send(Ok(Classified {
-                        probabilities: probs[i * classes..(i + 1) * classes].to_vec(),
-                        image,
-                        queue_time,
-                        inference_time,
-                        batch_size: n,
-                    }));
-                }
-                continue;
-            }
-            Ok(probs) => format!("the model returned {} scores for {n} images", probs.len()),
-            Err(e) => format!("{e:#}"),
-        };
-        health.failure(&failure);
-        metrics.inference_failures.inc();
-        tracing::error!(error = %failure, images = n, "forward pass failed");
-        for Job {
-            reply,
-            _place: place,
-            ..
-        } in live
-        {
-            drop(place);
-            let _ = reply.send(Err(PipelineError::InferenceFailed {
-                detail: failure.clone(),
-            }));
+            let inference_time = start.elapsed();
+            drop(share);
+            answer(
+                group,
+                result,
+                model.num_classes(),
+                taken,
+                inference_time,
+                metrics,
+                health,
+            );
         }
+    }
+}
+
+/// Sends each job of a forward pass its answer, and counts the pass.
+fn answer(
+    jobs: Vec<Job>,
+    result: anyhow::Result<Vec<f32>>,
+    classes: usize,
+    taken: Instant,
+    inference_time: Duration,
+    metrics: &ModelMetrics,
+    health: &Health,
+) {
+    let n = jobs.len();
+    metrics.batch_size.observe(n as f64);
+    metrics
+        .inference_duration
+        .observe(inference_time.as_secs_f64());
+    let failure = match result {
+        Ok(probs) if probs.len() >= n * classes => {
+            health.success();
+            metrics.images.inc_by(n as u64);
+            for (i, job) in jobs.into_iter().enumerate() {
+                let queue_time = taken.saturating_duration_since(job.enqueued);
+                metrics.queue_wait.observe(queue_time.as_secs_f64());
+                // The image's work is done: its place comes back before the answer goes.
+                let Job {
+                    reply,
+                    image,
+                    _place: place,
+                    ..
+                } = job;
+                drop(place);
+                let _ = reply.send(Ok(Classified {
+                    probabilities: probs[i * classes..(i + 1) * classes].to_vec(),
+                    image,
+                    queue_time,
+                    inference_time,
+                    batch_size: n,
+                }));
+            }
+            return;
+        }
+        Ok(probs) => format!("the model returned {} scores for {n} images", probs.len()),
+        Err(e) => format!("{e:#}"),
+    };
+    health.failure(&failure);
+    metrics.inference_failures.inc();
+    tracing::error!(error = %failure, images = n, "forward pass failed");
+    for Job {
+        reply,
+        _place: place,
+        ..
+    } in jobs
+    {
+        drop(place);
+        let _ = reply.send(Err(PipelineError::InferenceFailed {
+            detail: failure.clone(),
+        }));
     }
 }
 

@@ -150,6 +150,20 @@ impl Classifier for FakeClassifier {
         Ok(out)
     }
 
+    fn forward_tensor(&mut self, input: &[f32], n: usize) -> anyhow::Result<Vec<f32>> {
+        // The same function of the per-channel means, on floats taken back to bytes.
+        let per = self.input_size * self.input_size;
+        let mut pixels = Vec::with_capacity(input.len());
+        for img in input.chunks_exact(3 * per) {
+            for i in 0..per {
+                for c in 0..3 {
+                    pixels.push((img[c * per + i] * 64.0 + 128.0).clamp(0.0, 255.0) as u8);
+                }
+            }
+        }
+        self.forward(&pixels, n)
+    }
+
     fn num_classes(&self) -> usize {
         self.classes
     }
