@@ -56,7 +56,7 @@ test-rust: setup
 	TCH_SERVE_TEST_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) TCH_SERVE_TEST_DATA=$(CURDIR)/$(TEST_DATA) \
 		$(CARGO) test --release --locked -- --nocapture 2>&1 | tee target/test-rust.log; \
 		exit $${PIPESTATUS[0]}
-	@grep -h -E '^(PARITY|STARTUP):' target/test-rust.log || true
+	@grep -h -E '^(PARITY|STARTUP|ACCURACY|SKIP):' target/test-rust.log || true
 
 test-containers: build setup
 	scripts/container-test.sh
