@@ -711,3 +711,58 @@ async fn graceful_shutdown_drains_in_flight_requests() {
     // The listener is closed.
     assert!(tokio::net::TcpStream::connect(addr).await.is_err());
 }
+
+/// A body refused from its declared length is still read (and dropped) after the 413, so a
+/// client or proxy that goes on sending it reads the JSON answer instead of a broken pipe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_refused_from_its_length_is_drained_and_answered() {
+    use std::io::{Read, Write};
+    let server = fake_server(&["--max-body-bytes", "1048576"], Duration::ZERO).await;
+    let (addr, stop, serving) = serve_on_socket(server.server).await;
+    let declared = 6 << 20;
+    let outcome = tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        write!(
+            s,
+            "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: {declared}\r\n\r\n"
+        )
+        .unwrap();
+        let chunk = vec![0u8; 256 << 10];
+        let mut sent = 0;
+        let mut write_error = None;
+        while sent < declared {
+            match s.write_all(&chunk) {
+                Ok(()) => sent += chunk.len(),
+                Err(e) => {
+                    write_error = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        // The answer: headers, then the JSON body (up to its closing brace).
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !(answer.ends_with(b"}") && answer.windows(4).any(|w| w == b"\r\n\r\n")) {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => answer.extend_from_slice(&buf[..n]),
+            }
+        }
+        (sent, write_error, String::from_utf8_lossy(&answer).into_owned())
+    })
+    .await
+    .unwrap();
+    let (sent, write_error, answer) = outcome;
+    assert_eq!(
+        write_error, None,
+        "the server stopped reading after {sent} bytes"
+    );
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("\"code\":\"payload_too_large\""),
+        "{answer}"
+    );
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}

@@ -340,6 +340,10 @@ async fn read_uploads(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        // Refused from the header alone; the body is still read (and dropped) in the
+        // background, so that a client or proxy still sending it reads the 413 instead of a
+        // broken pipe (nginx would answer 502).
+        linger(request.into_body());
         return Err(ApiError::PayloadTooLarge { limit });
     }
 
@@ -407,6 +411,29 @@ async fn read_uploads(
         filename: None,
         bytes,
     }])
+}
+
+/// Most bytes of a refused body read and dropped after the answer, and for how long.
+const LINGER_BYTES: usize = 64 << 20;
+const LINGER_TIME: Duration = Duration::from_secs(10);
+
+/// Reads and drops what the client still sends of a refused body, up to [`LINGER_BYTES`] and
+/// [`LINGER_TIME`] (as nginx's lingering close does); then the connection is closed.
+fn linger(body: axum::body::Body) {
+    use http_body_util::BodyExt;
+    tokio::spawn(async move {
+        let mut body = body;
+        let mut read = 0usize;
+        let drain = async {
+            while let Some(Ok(frame)) = body.frame().await {
+                read += frame.data_ref().map_or(0, |d| d.len());
+                if read > LINGER_BYTES {
+                    break;
+                }
+            }
+        };
+        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
+    });
 }
 
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
