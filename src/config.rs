@@ -77,10 +77,11 @@ pub struct ServeConfig {
     pub port: u16,
     /// A model repository: each subfolder is a model named after it, holding model.pt and
     /// metadata.json directly or in numbered version folders (the highest is served).
-    #[arg(long, env = "TCH_SERVE_MODEL_REPOSITORY", conflicts_with = "model_dir")]
+    #[arg(long, env = "TCH_SERVE_MODEL_REPOSITORY")]
     pub model_repository: Option<PathBuf>,
     /// One model directory holding model.pt (TorchScript) and metadata.json, as written by
-    /// models/export.py (the default when no repository is given: models/resnet18).
+    /// models/export.py, served alone; it wins over --model-repository when both are given
+    /// (default when neither is: models/resnet18).
     #[arg(long, env = "TCH_SERVE_MODEL_DIR")]
     pub model_dir: Option<PathBuf>,
     /// Model answering `POST /predict` without `?model=` (default: the only model, or resnet18
@@ -190,9 +191,9 @@ pub enum ModelSource {
 
 impl ServeConfig {
     pub fn model_source(&self) -> ModelSource {
-        match (&self.model_repository, &self.model_dir) {
-            (Some(repo), _) => ModelSource::Repository(repo.clone()),
-            (None, Some(dir)) => ModelSource::Single(dir.clone()),
+        match (&self.model_dir, &self.model_repository) {
+            (Some(dir), _) => ModelSource::Single(dir.clone()),
+            (None, Some(repo)) => ModelSource::Repository(repo.clone()),
             (None, None) => ModelSource::Single(PathBuf::from("models/resnet18")),
         }
     }
@@ -515,9 +516,10 @@ mod tests {
                 "{bad}"
             );
         }
-        assert!(
-            Cli::try_parse_from(["tch-serve", "--model-dir", "a", "--model-repository", "b"])
-                .is_err()
+        // A model directory wins over a repository (an image's default repository, say).
+        assert_eq!(
+            config(&["--model-dir", "a", "--model-repository", "b"]).model_source(),
+            ModelSource::Single("a".into())
         );
     }
 

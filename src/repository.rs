@@ -181,11 +181,17 @@ pub struct Repository {
 
 impl Repository {
     pub fn new(config: &ServeConfig, shared: Shared) -> Self {
+        let source = config.model_source();
+        // One model is its own default, whatever a repository's default would be.
+        let configured_default = match source {
+            ModelSource::Repository(_) => config.default_model.clone(),
+            ModelSource::Single(_) => None,
+        };
         Self {
-            source: config.model_source(),
+            source,
             defaults: config.model_defaults(),
             pins: config.model_versions.iter().cloned().collect(),
-            configured_default: config.default_model.clone(),
+            configured_default,
             max_images_per_request: config.max_images_per_request,
             request_timeout_ms: config.request_timeout_ms,
             shared,

@@ -1,11 +1,11 @@
 """Reliability tests of the tch-serve binary: rolling restart under load, overload, slow and
-broken clients, container hardening, and behind nginx as ingress-nginx (nginx_lb.py). Run
-through scripts/reliability-test.sh.
+broken clients, container hardening, behind nginx as ingress-nginx (nginx_lb.py), and models
+loaded, reloaded and unloaded under load (reload.py). Run through scripts/reliability-test.sh.
 
 Everything listens on 127.0.0.1 only, every phase is bounded in time, and every process this
 starts is stopped when it ends (whatever happens). Python's standard library only.
 
-    python scripts/reliability/reliability.py [--only rolling,overload,clients,container,nginx]
+    python scripts/reliability/reliability.py [--only rolling,overload,clients,reload,container,nginx]
 
 The last line is "N passed, M failed"; the exit status is non-zero when a check failed.
 """
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nginx_lb  # phase e, in its own module
+import reload  # phase f, in its own module
 
 ROOT = Path(__file__).resolve().parents[2]
 WORK = ROOT / "target" / "reliability"
@@ -84,6 +85,8 @@ class Server:
     args: list[str]
     proc: subprocess.Popen | None = None
     log: Path | None = None
+    # What to serve: the model directory by default.
+    models: list[str] | None = None
 
     def start(self) -> "Server":
         WORK.mkdir(parents=True, exist_ok=True)
@@ -91,7 +94,7 @@ class Server:
         cmd = [
             str(BIN), "serve",
             "--host", HOST, "--port", str(self.port),
-            "--model-dir", str(MODEL_DIR),
+            *(self.models or ["--model-dir", str(MODEL_DIR)]),
             "--log-format", "json",
             *self.args,
         ]
@@ -525,7 +528,7 @@ def test_overload(photo: bytes, duration: float) -> None:
     rejected_metric = None
     try:
         text = http_get(port, "/metrics")
-        rejected_metric = metric(text, 'tch_serve_rejections_total{reason="overloaded"}')
+        rejected_metric = metric(text, 'tch_serve_rejections_total{model="resnet18",reason="overloaded"}')
     except OSError:
         pass
 
@@ -550,7 +553,7 @@ def test_overload(photo: bytes, duration: float) -> None:
          f"time to 200: p50 {ms(pct(t200, 50))}, p99 {ms(pct(t200, 99))}")
     note(f"RSS: idle after warm-up {idle:.1f} MB, peak under load {peak:.1f} MB, "
          f"3 s after {after:.1f} MB (bound {bound:.1f} MB)")
-    note(f"tch_serve_rejections_total{{reason=\"overloaded\"}} = {rejected_metric}")
+    note(f"tch_serve_rejections_total{{model=\"resnet18\",reason=\"overloaded\"}} = {rejected_metric}")
     check("overload: server alive and healthy afterwards, serves a normal request",
           alive and health == 200 and status == 200)
     check("overload: accepted requests succeed, the rest get 503 overloaded + Retry-After",
@@ -880,11 +883,12 @@ def main() -> int:
     ap.add_argument("--bin", default=str(ROOT / "target/release/tch-serve"))
     ap.add_argument("--model-dir", default=str(ROOT / "models/resnet18"))
     ap.add_argument("--photo", default=str(ROOT / "target/test-data/photos/chelsea.jpg"))
-    ap.add_argument("--only", default="rolling,overload,clients,container,nginx")
+    ap.add_argument("--only", default="rolling,overload,clients,reload,container,nginx")
     ap.add_argument("--rolling-seconds", type=float, default=60)
     ap.add_argument("--overload-seconds", type=float, default=20)
     ap.add_argument("--clients-seconds", type=float, default=20)
     ap.add_argument("--nginx-seconds", type=float, default=45)
+    ap.add_argument("--reload-seconds", type=float, default=30)
     ap.add_argument("--images", default="tch-serve:cpu,tch-serve:latest",
                     help="container images to try, first found is used")
     ap.add_argument("--figures", default=str(WORK / "figures.json"))
@@ -900,6 +904,7 @@ def main() -> int:
         "clients": lambda: test_clients(photo, opts.clients_seconds),
         "container": lambda: test_container(photo, opts.images.split(",")),
         "nginx": lambda: nginx_lb.test_nginx(sys.modules[__name__], photo, opts.nginx_seconds),
+        "reload": lambda: reload.test_reload(sys.modules[__name__], photo, opts.reload_seconds),
     }
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
