@@ -25,6 +25,10 @@
 #      baked-in model repository on a read-only root file system (the default
 #      model, and the pretrained efficientnet_lite0 naming a cat). Torn down at
 #      the end.
+#   8. A burst of twelve 40-megapixel 16-bit RGBA PNGs at the CPU container
+#      limited to 2 GB with 8 decoding threads: every one is answered and the
+#      server is not OOM-killed (the decode memory budget); the same burst with
+#      the budget lifted is measured beside it.
 # Everything it starts is removed on exit, whatever happens.
 #
 # Environment:
@@ -87,7 +91,7 @@ compose_up=0
 cleanup() {
   set +e
   [ -n "$host_pid" ] && kill "$host_pid" 2>/dev/null && wait "$host_pid" 2>/dev/null
-  docker rm -f "$ct_name" "$ct_name-gpu-ldd" "$ct_name-extract" >/dev/null 2>&1
+  docker rm -f "$ct_name" "$ct_name-gpu-ldd" "$ct_name-extract" "$ct_name-burst" >/dev/null 2>&1
   if [ "$compose_up" = 1 ]; then
     compose down -v --remove-orphans >/dev/null 2>&1
   fi
@@ -371,5 +375,42 @@ if [ -f "$cat_photo" ]; then
 fi
 compose down -v --remove-orphans >/dev/null 2>&1 && compose_up=0
 check "docker-compose down" [ "$compose_up" = 0 ]
+
+# ------------------------------------------------ 8. decode memory budget ---
+step "8. A burst of the costliest images under --memory 2g"
+# 40-megapixel 16-bit RGBA PNGs (the largest --max-image-pixels allows, 320 KB each on the
+# wire, 440 MB once decoded and converted), 12 at once, at a container limited to 2 GB with 8
+# decoding threads: the decode memory budget (768 MiB by default) lets them through a few at
+# a time. The same burst with the budget lifted shows what it prevents.
+burst_png="$work/burst-40mp-rgba16.png"
+python3 scripts/container/memory_burst.py write "$burst_png" >/dev/null
+# The container's peak memory: the cgroup's own record, or docker stats sampled meanwhile.
+memory_peak() {
+  local id; id=$(docker inspect -f '{{.Id}}' "$1")
+  for f in "/sys/fs/cgroup/system.slice/docker-$id.scope/memory.peak" "/sys/fs/cgroup/docker/$id/memory.peak"; do
+    [ -r "$f" ] && { awk '{ printf "%.0f MB", $1 / 1e6 }' "$f"; return; }
+  done
+  echo "n/a"
+}
+container_healthy() { [ "$(docker inspect -f '{{.State.Health.Status}}' "$1" 2>/dev/null)" = healthy ]; }
+burst_run() {  # NAME EXTRA_ENV...
+  local name=$1; shift
+  docker rm -f "$name" >/dev/null 2>&1
+  docker run -d --name "$name" -p "127.0.0.1:$((PORT_BASE + 3)):8000" --memory 2g --memory-swap 2g --cpus 2 \
+    -e TCH_SERVE_PREPROCESS_THREADS=8 "$@" "$CPU_IMAGE" >/dev/null || return 1
+  wait_for 120 container_healthy "$name" || return 1
+  python3 scripts/container/memory_burst.py send $((PORT_BASE + 3)) "$burst_png" 12 >"$work/$name.json" 2>&1
+  sleep 1
+  echo "$(cat "$work/$name.json"); OOMKilled=$(docker inspect -f '{{.State.OOMKilled}}' "$name"); running=$(docker inspect -f '{{.State.Running}}' "$name"); peak $(memory_peak "$name")"
+}
+burst_ct="$ct_name-burst"
+with_budget=$(burst_run "$burst_ct")
+measure "burst of 12 40-MP RGBA16 PNGs at --memory 2g, with the decode budget: $with_budget"
+check "burst with the decode budget: every image answered 200, no OOM kill, still serving" \
+  bash -c 'grep -q "\"200\": 12" <<<"$0" && grep -q "OOMKilled=false" <<<"$0" && grep -q "running=true" <<<"$0"' "$with_budget"
+docker rm -f "$burst_ct" >/dev/null 2>&1
+without_budget=$(burst_run "$burst_ct" -e TCH_SERVE_DECODE_MEMORY_BYTES=100000000000)
+measure "the same burst with the budget lifted (--decode-memory-bytes 100 GB): $without_budget"
+docker rm -f "$burst_ct" >/dev/null 2>&1
 
 finish

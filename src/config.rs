@@ -129,6 +129,15 @@ pub struct ServeConfig {
     /// Largest image accepted, in pixels (width x height), checked before decoding (413 beyond).
     #[arg(long, env = "TCH_SERVE_MAX_IMAGE_PIXELS", default_value_t = 40_000_000)]
     pub max_image_pixels: u64,
+    /// Memory the images being decoded at once may take, in bytes, estimated from their headers
+    /// (decoded pixels in their own format, plus the RGB and orientation copies); an image waits
+    /// for its share, so a burst of the largest images cannot exhaust the memory.
+    #[arg(long, env = "TCH_SERVE_DECODE_MEMORY_BYTES", default_value_t = 768 << 20)]
+    pub decode_memory_bytes: u64,
+    /// Whether a photo's EXIF orientation tag is applied before resizing: `apply` (upright, as
+    /// phones and viewers show it) or `ignore` (the pixels as stored, as PIL and torchvision).
+    #[arg(long, env = "TCH_SERVE_EXIF_ORIENTATION", value_enum, default_value_t = crate::preprocess::ExifOrientation::Apply)]
+    pub exif_orientation: crate::preprocess::ExifOrientation,
     /// Most images in one multipart request.
     #[arg(long, env = "TCH_SERVE_MAX_IMAGES_PER_REQUEST", default_value_t = 16)]
     pub max_images_per_request: usize,
@@ -251,6 +260,15 @@ impl ServeConfig {
         }
         if self.max_image_pixels == 0 {
             return Err("--max-image-pixels must be positive".into());
+        }
+        // The largest image allowed, in the costliest pixel format (16-bit RGBA) with its RGB
+        // and orientation copies, must fit in the decode budget, or it could never be decoded.
+        let worst = self.max_image_pixels.saturating_mul(8 + 2 * 3);
+        if self.decode_memory_bytes < worst {
+            return Err(format!(
+                "--decode-memory-bytes ({}) must be at least 14 bytes per pixel of --max-image-pixels ({} pixels: {worst} bytes), or the largest images allowed could never be decoded",
+                self.decode_memory_bytes, self.max_image_pixels
+            ));
         }
         if self.request_timeout_ms == 0 {
             return Err("--request-timeout-ms must be positive".into());

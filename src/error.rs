@@ -33,10 +33,12 @@ pub enum ApiError {
     UnsupportedMediaType(String),
     #[error("the image could not be decoded: {0}")]
     UndecodableImage(String),
+    #[error("{0}")]
+    UnsupportedAspectRatio(String),
     #[error("request body is larger than the limit of {limit} bytes")]
     PayloadTooLarge { limit: usize },
-    #[error("image of {width}x{height} pixels exceeds the limit of {limit} pixels")]
-    ImageTooLarge { width: u32, height: u32, limit: u64 },
+    #[error("{0}")]
+    ImageTooLarge(String),
     #[error("too many images in one request: at most {limit}")]
     TooManyImages { limit: usize },
     #[error("{0}")]
@@ -74,10 +76,12 @@ impl ApiError {
             Self::ModelControlDisabled => StatusCode::FORBIDDEN,
             Self::ModelLoadFailed(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::UndecodableImage(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::PayloadTooLarge { .. }
-            | Self::ImageTooLarge { .. }
-            | Self::TooManyImages { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UndecodableImage(_) | Self::UnsupportedAspectRatio(_) => {
+                StatusCode::UNPROCESSABLE_ENTITY
+            }
+            Self::PayloadTooLarge { .. } | Self::ImageTooLarge(_) | Self::TooManyImages { .. } => {
+                StatusCode::PAYLOAD_TOO_LARGE
+            }
             Self::Overloaded(_) | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
@@ -93,8 +97,9 @@ impl ApiError {
             Self::InvalidParameter(_) => "invalid_parameter",
             Self::UnsupportedMediaType(_) => "unsupported_media_type",
             Self::UndecodableImage(_) => "undecodable_image",
+            Self::UnsupportedAspectRatio(_) => "unsupported_aspect_ratio",
             Self::PayloadTooLarge { .. } => "payload_too_large",
-            Self::ImageTooLarge { .. } => "image_too_large",
+            Self::ImageTooLarge(_) => "image_too_large",
             Self::TooManyImages { .. } => "too_many_images",
             Self::Overloaded(_) => "overloaded",
             Self::Unavailable(_) => "unavailable",
@@ -125,15 +130,10 @@ impl From<PreprocessError> for ApiError {
             PreprocessError::Empty => Self::MissingFile,
             PreprocessError::UnsupportedFormat(m) => Self::UnsupportedMediaType(m),
             PreprocessError::Undecodable(m) => Self::UndecodableImage(m),
-            PreprocessError::TooLarge {
-                width,
-                height,
-                limit,
-            } => Self::ImageTooLarge {
-                width,
-                height,
-                limit,
-            },
+            PreprocessError::AspectRatio { .. } => Self::UnsupportedAspectRatio(e.to_string()),
+            PreprocessError::TooLarge { .. } | PreprocessError::OverBudget { .. } => {
+                Self::ImageTooLarge(e.to_string())
+            }
         }
     }
 }

@@ -11,7 +11,7 @@ use std::io::Cursor;
 
 use fast_image_resize::images::{Image, ImageRef};
 use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{DynamicImage, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
 
 use crate::metadata::ModelMetadata;
 
@@ -26,6 +26,35 @@ pub enum PreprocessError {
     Undecodable(String),
     #[error("image of {width}x{height} pixels exceeds the limit of {limit} pixels")]
     TooLarge { width: u32, height: u32, limit: u64 },
+    #[error(
+        "decoding an image of {width}x{height} pixels takes {needed} bytes, more than the decoding memory budget of {budget} bytes (--decode-memory-bytes)"
+    )]
+    OverBudget {
+        width: u32,
+        height: u32,
+        needed: u64,
+        budget: u64,
+    },
+    #[error(
+        "an image of {width}x{height} pixels is too long and thin to classify: its sides' ratio is over {max}:1"
+    )]
+    AspectRatio { width: u32, height: u32, max: u32 },
+}
+
+/// The longest side may be at most this many times the shortest: beyond, resizing the short
+/// side to the model's size makes a strip that the center crop sees almost nothing of (and the
+/// sizes overflow long before the ratios of real photos, which stay under 15:1).
+pub const MAX_ASPECT_RATIO: u32 = 100;
+
+/// Whether the EXIF orientation tag of a photo is applied before resizing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExifOrientation {
+    /// Turn the photo upright, as phones and viewers show it.
+    #[default]
+    Apply,
+    /// Use the pixels as stored, as PIL and torchvision do.
+    Ignore,
 }
 
 /// The formats the server decodes; anything else is refused with 415.
@@ -37,12 +66,24 @@ pub const SUPPORTED_FORMATS: [ImageFormat; 5] = [
     ImageFormat::Gif,
 ];
 
-/// Geometry of a model's input.
+/// Geometry of a model's input, and the limits on what is decoded.
 #[derive(Debug, Clone)]
 pub struct Preprocessor {
     pub resize_size: u32,
     pub crop_size: u32,
     pub max_pixels: u64,
+    pub exif: ExifOrientation,
+}
+
+/// What an image's header says, before any pixel is decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    pub format: ImageFormat,
+    pub width: u32,
+    pub height: u32,
+    /// An upper bound of the memory decoding it takes: the decoded image in its own pixel
+    /// format, the RGB copy, and the copy an orientation needs.
+    pub decode_bytes: u64,
 }
 
 /// A preprocessed image: `crop_size * crop_size * 3` RGB bytes in HWC order.
@@ -60,11 +101,27 @@ impl Preprocessor {
             resize_size,
             crop_size,
             max_pixels,
+            exif: ExifOrientation::default(),
         }
     }
 
     pub fn for_model(meta: &ModelMetadata, max_pixels: u64) -> Self {
         Self::new(meta.resize_size, meta.input_size, max_pixels)
+    }
+
+    pub fn with_exif(mut self, exif: ExifOrientation) -> Self {
+        self.exif = exif;
+        self
+    }
+
+    /// Reads the header only: the format, the dimensions (checked against the pixel limit and
+    /// the aspect ratio) and what decoding will take. Never panics.
+    pub fn probe(&self, bytes: &[u8]) -> Result<Probe, PreprocessError> {
+        std::panic::catch_unwind(|| probe(bytes, self.max_pixels)).unwrap_or_else(|_| {
+            Err(PreprocessError::Undecodable(
+                "the decoder failed on this image's header".into(),
+            ))
+        })
     }
 
     /// Bytes of an encoded image to the cropped HWC pixels. Never panics: a decoder that panics
@@ -79,7 +136,7 @@ impl Preprocessor {
     }
 
     fn run_unguarded(&self, bytes: &[u8]) -> Result<Preprocessed, PreprocessError> {
-        let (rgb, format) = decode_rgb(bytes, self.max_pixels)?;
+        let (rgb, format) = decode_oriented(bytes, self.max_pixels, self.exif)?;
         let (width, height) = rgb.dimensions();
         let pixels = self.crop_rgb(rgb.as_raw(), width, height)?;
         Ok(Preprocessed {
@@ -98,7 +155,13 @@ impl Preprocessor {
         height: u32,
     ) -> Result<Vec<u8>, PreprocessError> {
         let crop = self.crop_size;
-        let (new_w, new_h) = resized_size(width, height, self.resize_size);
+        check_aspect(width, height)?;
+        let (new_w, new_h) =
+            resized_size(width, height, self.resize_size).ok_or(PreprocessError::AspectRatio {
+                width,
+                height,
+                max: MAX_ASPECT_RATIO,
+            })?;
         let left = center_crop_offset(new_w, crop);
         let top = center_crop_offset(new_h, crop);
         // Resizing only the window that the center crop keeps gives the same pixels as resizing
@@ -135,44 +198,96 @@ pub fn normalize(pixels: &[u8], mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
         .collect()
 }
 
-/// Sniffs the format from the magic bytes, checks the declared dimensions against `max_pixels`
-/// before any pixel is decoded, then decodes (the first frame of a GIF) and converts to RGB8
-/// (grayscale is replicated, alpha dropped, 16-bit scaled), as PIL's `convert("RGB")` does.
-pub fn decode_rgb(
-    bytes: &[u8],
-    max_pixels: u64,
-) -> Result<(image::RgbImage, &'static str), PreprocessError> {
+fn check_aspect(width: u32, height: u32) -> Result<(), PreprocessError> {
+    let (short, long) = (width.min(height), width.max(height));
+    if u64::from(long) > u64::from(short) * u64::from(MAX_ASPECT_RATIO) {
+        return Err(PreprocessError::AspectRatio {
+            width,
+            height,
+            max: MAX_ASPECT_RATIO,
+        });
+    }
+    Ok(())
+}
+
+/// The header's facts and limits: format (from the magic bytes), dimensions (not zero, within
+/// the pixel limit and the aspect ratio), and the memory decoding takes.
+fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, PreprocessError> {
     if bytes.is_empty() {
         return Err(PreprocessError::Empty);
     }
     let format = sniff_format(bytes)?;
-    let (width, height) = reader(bytes, format, Limits::default())
-        .into_dimensions()
+    let decoder = reader(bytes, format, Limits::default())
+        .into_decoder()
         .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
+    let (width, height) = decoder.dimensions();
     if width == 0 || height == 0 {
         return Err(PreprocessError::Undecodable("image has no pixels".into()));
     }
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        // The JPEG decoder fills a truncated scan with grey; PIL refuses such files, and so do we.
-        return Err(PreprocessError::Undecodable(
-            "truncated JPEG: no end-of-image marker after the last scan".into(),
-        ));
-    }
-    if u64::from(width) * u64::from(height) > max_pixels {
+    let pixels = u64::from(width) * u64::from(height);
+    if pixels > max_pixels {
         return Err(PreprocessError::TooLarge {
             width,
             height,
             limit: max_pixels,
         });
     }
+    check_aspect(width, height)?;
+    let decoded = decoder.total_bytes();
+    Ok(Probe {
+        format,
+        width,
+        height,
+        decode_bytes: decoded + 2 * pixels * 3,
+    })
+}
+
+/// Sniffs the format from the magic bytes, checks the declared dimensions against `max_pixels`
+/// before any pixel is decoded, then decodes (the first frame of a GIF) and converts to RGB8
+/// (grayscale is replicated, alpha dropped, 16-bit scaled), as PIL's `convert("RGB")` does.
+/// The EXIF orientation is not applied (see [`decode_oriented`]).
+pub fn decode_rgb(
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<(image::RgbImage, &'static str), PreprocessError> {
+    decode_oriented(bytes, max_pixels, ExifOrientation::Ignore)
+}
+
+/// [`decode_rgb`], turning the photo upright by its EXIF orientation when asked to.
+pub fn decode_oriented(
+    bytes: &[u8],
+    max_pixels: u64,
+    exif: ExifOrientation,
+) -> Result<(image::RgbImage, &'static str), PreprocessError> {
+    let Probe {
+        format,
+        width,
+        height,
+        ..
+    } = probe(bytes, max_pixels)?;
+    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
+        // The JPEG decoder fills a truncated scan with grey; PIL refuses such files, and so do we.
+        return Err(PreprocessError::Undecodable(
+            "truncated JPEG: the data ends before the end-of-image marker".into(),
+        ));
+    }
     // The decoder's own allocation cap: the RGBA16 worst case of the declared size, plus slack.
     let mut limits = Limits::default();
     limits.max_image_width = Some(width);
     limits.max_image_height = Some(height);
     limits.max_alloc = Some(u64::from(width) * u64::from(height) * 8 + (16 << 20));
-    let decoded = reader(bytes, format, limits)
-        .decode()
+    let mut decoder = reader(bytes, format, limits)
+        .into_decoder()
         .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
+    let orientation = match exif {
+        ExifOrientation::Apply => decoder.orientation().ok(),
+        ExifOrientation::Ignore => None,
+    };
+    let mut decoded = DynamicImage::from_decoder(decoder)
+        .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
+    if let Some(o) = orientation {
+        decoded.apply_orientation(o);
+    }
     let rgb = match decoded {
         DynamicImage::ImageRgb8(rgb) => rgb,
         other => other.to_rgb8(),
@@ -180,13 +295,62 @@ pub fn decode_rgb(
     Ok((rgb, format_name(format)))
 }
 
-/// A JPEG is complete when an end-of-image marker (FF D9) follows its last start-of-scan
-/// (FF DA). Inside entropy-coded data every FF byte is stuffed with 00, so these two byte pairs
-/// only appear as markers (an EXIF thumbnail's markers come before the main image's scans).
+/// A JPEG is complete when its segments, walked from the start, reach an end-of-image marker
+/// (FF D9). Whatever follows it is ignored, as decoders and PIL do: Android and Pixel "motion
+/// photos" append a video there. Inside entropy-coded data every FF byte is followed by 00 (a
+/// stuffed byte) or a restart marker, so the walk skips scans by looking for the next marker.
 pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    let last_sos = bytes.windows(2).rposition(|w| w == [0xFF, 0xDA]);
-    let last_eoi = bytes.windows(2).rposition(|w| w == [0xFF, 0xD9]);
-    matches!((last_sos, last_eoi), (Some(s), Some(e)) if e > s)
+    if !bytes.starts_with(&[0xFF, 0xD8]) {
+        return false;
+    }
+    let mut i = 2;
+    loop {
+        // A marker: FF, any number of FF fill bytes, then its code.
+        if bytes.get(i) != Some(&0xFF) {
+            return false;
+        }
+        while bytes.get(i) == Some(&0xFF) {
+            i += 1;
+        }
+        let Some(&code) = bytes.get(i) else {
+            return false;
+        };
+        i += 1;
+        match code {
+            0xD9 => return true,
+            // Markers without a length: restarts, TEM, a stray SOI.
+            0xD0..=0xD8 | 0x01 => continue,
+            _ => {}
+        }
+        let Some(len) = bytes
+            .get(i..i + 2)
+            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
+        else {
+            return false;
+        };
+        if len < 2 {
+            return false;
+        }
+        i += len;
+        if code == 0xDA {
+            // Entropy-coded data up to the next marker that is neither stuffing nor a restart.
+            loop {
+                let Some(p) = bytes
+                    .get(i..)
+                    .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
+                else {
+                    return false;
+                };
+                i += p;
+                match bytes.get(i + 1) {
+                    None => return false,
+                    Some(0x00) | Some(0xD0..=0xD7) => i += 2,
+                    Some(0xFF) => i += 1,
+                    Some(_) => break,
+                }
+            }
+        }
+    }
 }
 
 fn reader(bytes: &[u8], format: ImageFormat, limits: Limits) -> ImageReader<Cursor<&[u8]>> {
@@ -221,19 +385,23 @@ fn format_name(f: ImageFormat) -> &'static str {
 }
 
 /// torchvision's `Resize(size)` with one int: the shorter side becomes `size`, the longer one
-/// keeps the aspect ratio, truncated (`int(size * long / short)`).
-pub fn resized_size(width: u32, height: u32, size: u32) -> (u32, u32) {
+/// keeps the aspect ratio, truncated (`int(size * long / short)`). `None` when the longer side
+/// would not fit in 32 bits (or a side is zero).
+pub fn resized_size(width: u32, height: u32, size: u32) -> Option<(u32, u32)> {
     let (short, long) = if width <= height {
         (width, height)
     } else {
         (height, width)
     };
-    let new_long = (u64::from(size) * u64::from(long) / u64::from(short)) as u32;
-    if width <= height {
+    if short == 0 {
+        return None;
+    }
+    let new_long = u32::try_from(u64::from(size) * u64::from(long) / u64::from(short)).ok()?;
+    Some(if width <= height {
         (size, new_long)
     } else {
         (new_long, size)
-    }
+    })
 }
 
 /// torchvision's `CenterCrop` offset: `int(round((len - crop) / 2.0))`, Python's round
@@ -278,11 +446,11 @@ mod tests {
 
     #[test]
     fn resize_keeps_aspect_and_truncates() {
-        assert_eq!(resized_size(640, 480, 256), (341, 256));
-        assert_eq!(resized_size(480, 640, 256), (256, 341));
-        assert_eq!(resized_size(300, 451, 256), (256, 384)); // 384.85 truncated
-        assert_eq!(resized_size(100, 100, 256), (256, 256));
-        assert_eq!(resized_size(1, 10_000, 256), (256, 2_560_000));
+        assert_eq!(resized_size(640, 480, 256), Some((341, 256)));
+        assert_eq!(resized_size(480, 640, 256), Some((256, 341)));
+        assert_eq!(resized_size(300, 451, 256), Some((256, 384))); // 384.85 truncated
+        assert_eq!(resized_size(100, 100, 256), Some((256, 256)));
+        assert_eq!(resized_size(1, 10_000, 256), Some((256, 2_560_000)));
     }
 
     #[test]
@@ -302,7 +470,7 @@ mod tests {
             let img = gradient(w, h).to_rgb8();
             let fast = p.crop_rgb(img.as_raw(), w, h).unwrap();
             // Reference: resize the whole image, then crop.
-            let (nw, nh) = resized_size(w, h, 256);
+            let (nw, nh) = resized_size(w, h, 256).unwrap();
             let src = ImageRef::new(w, h, img.as_raw(), PixelType::U8x3).unwrap();
             let mut full = Image::new(nw, nh, PixelType::U8x3);
             Resizer::new()
@@ -446,6 +614,64 @@ mod tests {
         }
     }
 
+    /// Android and Pixel "motion photos" append an MP4 after the JPEG's end-of-image marker;
+    /// its bytes hold FF DA and FF D9 pairs anywhere. The JPEG is complete: it decodes.
+    #[test]
+    fn motion_photos_with_a_video_after_the_jpeg_decode() {
+        let jpeg = encode(&gradient(160, 120), ImageFormat::Jpeg);
+        let mut motion = jpeg.clone();
+        motion.extend_from_slice(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom");
+        let mut state = 0x2545_f491_u32;
+        for i in 0..200_000 {
+            state ^= state << 13;
+            state ^= state >> 17;
+            state ^= state << 5;
+            motion.push((state >> 24) as u8);
+            if i % 50_000 == 7 {
+                // A start-of-scan pair after the image's end, as video data may hold.
+                motion.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x0C]);
+            }
+        }
+        let out = pre()
+            .run(&motion)
+            .expect("a JPEG followed by a video decodes");
+        assert_eq!((out.width, out.height), (160, 120));
+        assert_eq!(out.pixels, pre().run(&jpeg).unwrap().pixels);
+        // Truncated for real, it is still refused, trailer or not.
+        let cut = &jpeg[..jpeg.len() * 2 / 3];
+        assert!(matches!(
+            pre().run(cut),
+            Err(PreprocessError::Undecodable(_))
+        ));
+    }
+
+    /// A 16,777,216 x 1 PNG (49 KB, within the pixel limit): its resized width would overflow.
+    /// Refused with a clear error instead of an answer computed from nonsense.
+    #[test]
+    fn extreme_aspect_ratios_are_refused() {
+        let wide = DynamicImage::ImageLuma8(ImageBuffer::new(16_777_216, 1));
+        let bytes = encode(&wide, ImageFormat::Png);
+        assert!(bytes.len() < 100_000);
+        match Preprocessor::new(256, 224, 50_000_000).run(&bytes) {
+            Err(PreprocessError::AspectRatio { width, height, .. }) => {
+                assert_eq!((width, height), (16_777_216, 1))
+            }
+            other => panic!(
+                "expected an aspect-ratio refusal, got {:?}",
+                other.map(|o| o.width)
+            ),
+        }
+        let tall = encode(&gradient(2, 1200), ImageFormat::Png);
+        assert!(matches!(
+            pre().run(&tall),
+            Err(PreprocessError::AspectRatio { .. })
+        ));
+        // Long but sensible shapes are served.
+        let panorama = encode(&gradient(3000, 300), ImageFormat::Png);
+        assert_eq!(pre().run(&panorama).unwrap().pixels.len(), 224 * 224 * 3);
+        assert_eq!(resized_size(16_777_216, 1, 256), None);
+    }
+
     #[test]
     fn tiny_images_are_upscaled() {
         let out = pre()
@@ -453,7 +679,7 @@ mod tests {
             .unwrap();
         assert_eq!(out.pixels.len(), 224 * 224 * 3);
         let out = pre()
-            .run(&encode(&gradient(3, 500), ImageFormat::Png))
+            .run(&encode(&gradient(5, 400), ImageFormat::Png))
             .unwrap();
         assert_eq!(out.pixels.len(), 224 * 224 * 3);
     }

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub connections_open: IntGauge,
     pub connections: IntCounter,
     pub connections_refused: IntCounterVec,
+    pub decode_memory: IntGauge,
+    pub decode_memory_budget: IntGauge,
     // Per model (label `model`).
     queue_wait: HistogramVec,
     preprocess_duration: HistogramVec,
@@ -151,6 +153,16 @@ impl Metrics {
                 "Client connections closed at once or early, by reason.",
                 &["reason"],
             ),
+            decode_memory: IntGauge::new(
+                "tch_serve_decode_memory_bytes",
+                "Memory taken from the decode budget by the images being decoded now (estimated from their headers).",
+            )
+            .expect("valid gauge"),
+            decode_memory_budget: IntGauge::new(
+                "tch_serve_decode_memory_budget_bytes",
+                "The decode memory budget (--decode-memory-bytes).",
+            )
+            .expect("valid gauge"),
             queue_wait: histogram(
                 "tch_serve_queue_wait_seconds",
                 "Time an image waited in its model's queue before its batch started.",
@@ -242,6 +254,8 @@ impl Metrics {
             Box::new(m.connections_open.clone()),
             Box::new(m.connections.clone()),
             Box::new(m.connections_refused.clone()),
+            Box::new(m.decode_memory.clone()),
+            Box::new(m.decode_memory_budget.clone()),
             Box::new(m.queue_wait.clone()),
             Box::new(m.preprocess_duration.clone()),
             Box::new(m.inference_duration.clone()),

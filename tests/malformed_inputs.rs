@@ -571,13 +571,13 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
         ),
         fine(40, 30),
     );
-    // EXIF Orientation is not applied (as PIL's open() + torchvision do not): the image is
-    // classified as stored, and reported with its stored size.
-    for orientation in [1, 3, 6, 8] {
+    // EXIF Orientation is applied (--exif-orientation apply, the default): the photo is
+    // classified upright and reported with its upright size; 6 and 8 turn it a quarter.
+    for (orientation, (w, h)) in [(1, (64, 48)), (3, (64, 48)), (6, (48, 64)), (8, (48, 64))] {
         add(
             &format!("jpeg with EXIF orientation {orientation}"),
             jpeg_with_orientation(&jpeg, orientation),
-            fine(64, 48),
+            fine(w, h),
         );
     }
     add(
@@ -599,24 +599,50 @@ fn corpus() -> Vec<(String, Vec<u8>, Expect)> {
             encode(&rgb(1, 1), format),
             fine(1, 1),
         );
+        // Sides up to 100:1 are served; beyond, the image is refused with a clear 422.
+        add(
+            &format!("{name} 3x300 (100:1)"),
+            encode(&rgb(3, 300), format),
+            fine(3, 300),
+        );
         add(
             &format!("{name} 1x5000"),
             encode(&rgb(1, 5000), format),
-            fine(1, 5000),
+            E(422, "unsupported_aspect_ratio"),
         );
         add(
             &format!("{name} 5000x1"),
             encode(&rgb(5000, 1), format),
-            fine(5000, 1),
+            E(422, "unsupported_aspect_ratio"),
         );
     }
     add(
-        "png 1x1000000 (at the pixel limit)",
+        "png 3x301 (just over 100:1)",
+        encode(&rgb(3, 301), ImageFormat::Png),
+        E(422, "unsupported_aspect_ratio"),
+    );
+    add(
+        "png 1x1000000 (at the pixel limit, 1000000:1)",
         encode(
             &DynamicImage::ImageLuma8(ImageBuffer::new(1, MAX_PIXELS)),
             ImageFormat::Png,
         ),
-        fine(1, MAX_PIXELS),
+        E(422, "unsupported_aspect_ratio"),
+    );
+    add(
+        "png 16777216x1 declared (its resized width would overflow 32 bits)",
+        png_with_size(&encode(&rgb(1, 1), ImageFormat::Png), 16_777_216, 1),
+        E(413, "image_too_large"),
+    );
+    // A "motion photo": a complete JPEG, then a video (with marker-like bytes) after its end.
+    let mut motion = jpeg.clone();
+    motion.extend_from_slice(b"\x00\x00\x00\x18ftypmp42\x00\x00\x00\x00mp42isom");
+    motion.extend((0..100_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8));
+    motion.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x08, 0xFF, 0xD8]);
+    add(
+        "jpeg followed by an MP4 (motion photo)",
+        motion,
+        fine(64, 48),
     );
     add(
         "png 1x1000001 (one pixel over)",
@@ -724,4 +750,24 @@ fn preprocessor_gives_a_tensor_or_a_client_error_for_every_case() {
             ),
         }
     }
+}
+
+/// `--exif-orientation apply` turns a photo upright before resizing (the same pixels as turning
+/// the decoded image by hand); `ignore` uses the pixels as stored, as PIL's `open()` does.
+#[test]
+fn exif_orientation_is_applied_or_ignored_as_configured() {
+    use tch_serve::preprocess::{ExifOrientation, Preprocessor, decode_rgb};
+    let stored = encode(&rgb(64, 48), ImageFormat::Jpeg);
+    let tagged = jpeg_with_orientation(&stored, 6);
+    let (raw, _) = decode_rgb(&stored, u64::MAX).unwrap();
+    let upright = image::imageops::rotate90(&raw);
+    let apply = Preprocessor::new(256, 224, u64::MAX).with_exif(ExifOrientation::Apply);
+    let ignore = Preprocessor::new(256, 224, u64::MAX).with_exif(ExifOrientation::Ignore);
+    let a = apply.run(&tagged).unwrap();
+    assert_eq!((a.width, a.height), (48, 64));
+    assert_eq!(a.pixels, apply.crop_rgb(upright.as_raw(), 48, 64).unwrap());
+    let i = ignore.run(&tagged).unwrap();
+    assert_eq!((i.width, i.height), (64, 48));
+    assert_eq!(i.pixels, ignore.run(&stored).unwrap().pixels);
+    assert_ne!(a.pixels, i.pixels);
 }

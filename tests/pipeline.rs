@@ -565,3 +565,84 @@ async fn processing_time_starts_when_the_body_is_complete() {
     assert!(total >= 0.4, "{total}");
     assert!(processing < total - 0.3, "{processing} of {total}");
 }
+
+/// The images being decoded at once never take more memory than --decode-memory-bytes: with
+/// room for one 800x800 image, eight sent at once are decoded one after another, and all
+/// answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decoding_stays_within_its_memory_budget() {
+    let budget = 10_000_000u64;
+    let server = fake_server(
+        &[
+            "--decode-memory-bytes",
+            &budget.to_string(),
+            "--max-image-pixels",
+            "700000",
+            "--preprocess-threads",
+            "4",
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let metrics = server.state.metrics.clone();
+    assert_eq!(
+        metric(&metrics.render(), "tch_serve_decode_memory_budget_bytes"),
+        Some(budget as f64)
+    );
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let (metrics, stop) = (metrics.clone(), stop.clone());
+        move || {
+            let mut peak = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(metrics.decode_memory.get());
+                std::thread::yield_now();
+            }
+            peak
+        }
+    });
+    let router = server.router();
+    let mut tasks = Vec::new();
+    for i in 0..8 {
+        let router = router.clone();
+        let photo = image_bytes(i, 800, 800, ImageFormat::Png);
+        tasks.push(tokio::spawn(async move {
+            router
+                .oneshot(predict_raw("/predict", "image/png", photo))
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    stop.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap() as u64;
+    let one = 800 * 800 * 3 * 3;
+    println!("decode memory: peak {peak} bytes of a {budget}-byte budget; one image takes {one}");
+    assert!(peak >= one, "the budget must be used ({peak})");
+    assert!(
+        peak <= budget + 1024,
+        "peak {peak} over the budget {budget}"
+    );
+    assert_eq!(metrics.decode_memory.get(), 0);
+}
+
+/// A decode budget too small for the largest image the pixel limit allows stops the start
+/// with a message naming both settings.
+#[test]
+fn a_decode_budget_smaller_than_the_largest_image_is_refused_at_start() {
+    let err = config(&[
+        "--max-image-pixels",
+        "1000000",
+        "--decode-memory-bytes",
+        "1000000",
+    ])
+    .validate()
+    .unwrap_err();
+    assert!(
+        err.contains("--decode-memory-bytes") && err.contains("--max-image-pixels"),
+        "{err}"
+    );
+}

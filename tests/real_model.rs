@@ -24,7 +24,7 @@ fn references() -> Vec<Reference> {
 }
 
 fn references_in(path: &std::path::Path) -> Vec<Reference> {
-    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| {
         panic!(
             "{}: {e}; run `make test-data` (the test command does)",
             path.display()

@@ -37,18 +37,74 @@ use crate::config::ModelSettings;
 use crate::metadata::ModelMetadata;
 use crate::model::threads::CpuBudget;
 use crate::model::{Backend, ModelSpec};
-use crate::preprocess::{PreprocessError, Preprocessor};
+use crate::preprocess::{ExifOrientation, PreprocessError, Preprocessor};
 use crate::telemetry::{Metrics, ModelMetrics};
 
-/// What every pipeline shares: the decoding pool, the CPU budget, the backend, the metrics.
+/// What every pipeline shares: the decoding pool and its memory budget, the CPU budget, the
+/// backend, the metrics.
 pub struct Shared {
     pub backend: Arc<dyn Backend>,
     pub pool: Arc<rayon::ThreadPool>,
+    pub decode_budget: Arc<DecodeBudget>,
     pub cpu_budget: Arc<CpuBudget>,
     pub metrics: Arc<Metrics>,
     pub max_image_pixels: u64,
+    pub exif: ExifOrientation,
     pub inter_op_threads: usize,
     pub niceness: u8,
+}
+
+/// The memory that the images being decoded may take at once, in bytes, estimated from each
+/// image's header before its decoding starts (see [`crate::preprocess::Probe`]). An image waits
+/// for its share; one larger than the whole budget is refused.
+pub struct DecodeBudget {
+    kib: Arc<tokio::sync::Semaphore>,
+    total_kib: u32,
+    in_use: IntGauge,
+}
+
+/// Memory taken from the decode budget; given back when dropped.
+pub struct DecodeShare {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    kib: u32,
+    in_use: IntGauge,
+}
+
+impl DecodeBudget {
+    /// `in_use` follows the bytes taken (`tch_serve_decode_memory_bytes`).
+    pub fn new(bytes: u64, in_use: IntGauge) -> Self {
+        let total_kib = u32::try_from(bytes.div_ceil(1024)).unwrap_or(u32::MAX >> 3);
+        Self {
+            kib: Arc::new(tokio::sync::Semaphore::new(total_kib as usize)),
+            total_kib,
+            in_use,
+        }
+    }
+
+    pub fn total_bytes(&self) -> u64 {
+        u64::from(self.total_kib) * 1024
+    }
+
+    /// Waits for `bytes` of the budget; `None` when they exceed the whole budget.
+    async fn take(&self, bytes: u64) -> Option<DecodeShare> {
+        let kib = u32::try_from(bytes.div_ceil(1024)).ok()?;
+        if kib > self.total_kib {
+            return None;
+        }
+        let permit = self.kib.clone().acquire_many_owned(kib).await.ok()?;
+        self.in_use.add(i64::from(kib) * 1024);
+        Some(DecodeShare {
+            _permit: permit,
+            kib,
+            in_use: self.in_use.clone(),
+        })
+    }
+}
+
+impl Drop for DecodeShare {
+    fn drop(&mut self) {
+        self.in_use.sub(i64::from(self.kib) * 1024);
+    }
 }
 
 impl Shared {
@@ -143,6 +199,7 @@ pub struct Pipeline {
     queue: Arc<Queue>,
     metrics: ModelMetrics,
     pool: Arc<rayon::ThreadPool>,
+    decode_budget: Arc<DecodeBudget>,
     state: watch::Receiver<WorkerState>,
     health: Arc<Health>,
 }
@@ -166,6 +223,7 @@ impl Pipeline {
                 state: state.clone(),
             }),
             pool: shared.pool.clone(),
+            decode_budget: shared.decode_budget.clone(),
             name: spec.name,
             version: spec.version,
             meta: Arc::new(spec.meta),
@@ -252,60 +310,40 @@ impl Pipeline {
     /// Decodes one image on the decoding pool and queues it for the model. The answer comes
     /// through the returned future; dropping that future abandons the work (it is skipped if it
     /// has not started, and its place comes back when whatever is running ends).
+    ///
+    /// Before decoding, the image's header is read (format, dimensions, limits) and its share of
+    /// the decode memory budget is waited for, so that the images being decoded at once never
+    /// take more memory than the budget, whatever they are.
     pub fn submit(&self, place: Place, bytes: Bytes) -> Pending {
         let (reply, answer) = oneshot::channel();
         let preprocessor = self.preprocessor.clone();
         let queue = self.queue.clone();
         let metrics = self.metrics.clone();
-        self.pool.spawn(move || {
-            if reply.is_closed() {
-                metrics.cancelled_images.inc();
-                return;
-            }
-            let started = Instant::now();
-            let decoded = preprocessor.run(&bytes);
-            drop(bytes);
-            let preprocess_time = started.elapsed();
-            metrics
-                .preprocess_duration
-                .observe(preprocess_time.as_secs_f64());
-            let decoded = match decoded {
-                Ok(d) => d,
-                Err(e) => {
-                    let _ = reply.send(Err(e.into()));
-                    return;
-                }
-            };
-            if reply.is_closed() {
-                metrics.cancelled_images.inc();
-                return;
-            }
-            let job = Job {
-                input: Input::Pixels(decoded.pixels),
-                image: ImageInfo {
-                    width: decoded.width,
-                    height: decoded.height,
-                    format: decoded.format,
-                    preprocess_time,
-                },
-                enqueued: Instant::now(),
-                reply,
-                _place: place,
-            };
-            if let Err(job) = queue.push(job) {
-                let reason = match &*queue.state.borrow() {
-                    WorkerState::Stopped(why) => format!("its worker stopped: {why}"),
-                    _ => "the model is being unloaded".into(),
-                };
-                let _ = job.reply.send(Err(PipelineError::Unavailable {
-                    model: queue.model.clone(),
-                    reason,
+        let pool = self.pool.clone();
+        let budget = self.decode_budget.clone();
+        let model = self.name.clone();
+        let work = async move {
+            let probe = preprocessor.probe(&bytes)?;
+            let Some(share) = budget.take(probe.decode_bytes).await else {
+                return Err(PipelineError::Preprocess(PreprocessError::OverBudget {
+                    width: probe.width,
+                    height: probe.height,
+                    needed: probe.decode_bytes,
+                    budget: budget.total_bytes(),
                 }));
-            }
-        });
+            };
+            pool.spawn(move || {
+                decode_and_queue(place, bytes, share, reply, &preprocessor, &queue, &metrics)
+            });
+            answer.await.unwrap_or_else(|_| {
+                Err(PipelineError::Unavailable {
+                    model,
+                    reason: "its worker stopped".into(),
+                })
+            })
+        };
         Pending {
-            answer,
-            model: self.name.clone(),
+            work: Box::pin(work),
         }
     }
 
@@ -319,9 +357,16 @@ impl Pipeline {
     /// is refused at once.
     pub fn submit_tensor(&self, place: Place, tensor: Vec<f32>) -> Pending {
         let (reply, answer) = oneshot::channel();
+        let model = self.name.clone();
         let pending = Pending {
-            answer,
-            model: self.name.clone(),
+            work: Box::pin(async move {
+                answer.await.unwrap_or_else(|_| {
+                    Err(PipelineError::Unavailable {
+                        model,
+                        reason: "its worker stopped".into(),
+                    })
+                })
+            }),
         };
         if tensor.len() != self.tensor_len() {
             let _ = reply.send(Err(PipelineError::InferenceFailed {
@@ -374,21 +419,72 @@ impl Drop for Pipeline {
 
 /// The answer for one submitted image.
 pub struct Pending {
-    answer: oneshot::Receiver<Result<Classified, PipelineError>>,
-    model: String,
+    work: Pin<Box<dyn Future<Output = Result<Classified, PipelineError>> + Send>>,
 }
 
 impl Future for Pending {
     type Output = Result<Classified, PipelineError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        Pin::new(&mut self.answer).poll(cx).map(|r| {
-            r.unwrap_or_else(|_| {
-                Err(PipelineError::Unavailable {
-                    model: self.model.clone(),
-                    reason: "its worker stopped".into(),
-                })
-            })
-        })
+        self.work.as_mut().poll(cx)
+    }
+}
+
+/// The decoding pool's job for one image: skipped if nobody waits for it any more; otherwise
+/// decoded, then queued for the model with its place. The decode budget's share is given back
+/// once the decoded image is gone (the crop is small).
+fn decode_and_queue(
+    place: Place,
+    bytes: Bytes,
+    share: DecodeShare,
+    reply: oneshot::Sender<Result<Classified, PipelineError>>,
+    preprocessor: &Preprocessor,
+    queue: &Queue,
+    metrics: &ModelMetrics,
+) {
+    if reply.is_closed() {
+        metrics.cancelled_images.inc();
+        return;
+    }
+    let started = Instant::now();
+    let decoded = preprocessor.run(&bytes);
+    drop(bytes);
+    drop(share);
+    let preprocess_time = started.elapsed();
+    metrics
+        .preprocess_duration
+        .observe(preprocess_time.as_secs_f64());
+    let decoded = match decoded {
+        Ok(d) => d,
+        Err(e) => {
+            let _ = reply.send(Err(e.into()));
+            return;
+        }
+    };
+    if reply.is_closed() {
+        metrics.cancelled_images.inc();
+        return;
+    }
+    let job = Job {
+        input: Input::Pixels(decoded.pixels),
+        image: ImageInfo {
+            width: decoded.width,
+            height: decoded.height,
+            format: decoded.format,
+            preprocess_time,
+        },
+        enqueued: Instant::now(),
+        reply,
+        _place: place,
+    };
+    if let Err(job) = queue.push(job) {
+        let reason = match &*queue.state.borrow() {
+            WorkerState::Stopped(why) => format!("its worker stopped: {why}"),
+            _ => "the model is being unloaded".into(),
+        };
+        let _ = job.reply.send(Err(PipelineError::Unavailable {
+            model: queue.model.clone(),
+            reason,
+        }));
     }
 }

@@ -25,7 +25,7 @@ use crate::config::{ModelSource, ServeConfig};
 use crate::error::ApiError;
 use crate::model::threads::CpuBudget;
 use crate::model::{Backend, TorchBackend, torch};
-use crate::pipeline::Shared;
+use crate::pipeline::{DecodeBudget, Shared};
 use crate::repository::{ModelState, Repository};
 use crate::telemetry::Metrics;
 use listener::ConnectionLimits;
@@ -122,11 +122,19 @@ impl Server {
             0 => crate::config::available_cpus(),
             n => n,
         };
+        metrics
+            .decode_memory_budget
+            .set(i64::try_from(config.decode_memory_bytes).unwrap_or(i64::MAX));
         let shared = Shared {
             backend,
             pool: Arc::new(
                 Shared::decode_pool(preprocess_threads).context("starting the decoding pool")?,
             ),
+            decode_budget: Arc::new(DecodeBudget::new(
+                config.decode_memory_bytes,
+                metrics.decode_memory.clone(),
+            )),
+            exif: config.exif_orientation,
             cpu_budget: Arc::new(CpuBudget::new(cpu_budget)),
             metrics: metrics.clone(),
             max_image_pixels: config.max_image_pixels,

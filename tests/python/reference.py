@@ -26,7 +26,7 @@ import sys
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from torchvision import transforms
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -63,7 +63,9 @@ def load_model(model_dir: str):
 
 
 def answer(model, tf, path: str, out_dir: str) -> dict:
-    img = Image.open(path).convert("RGB")
+    # Upright by the EXIF orientation tag, as the server's --exif-orientation apply (its
+    # default) does; files without the tag are unchanged.
+    img = ImageOps.exif_transpose(Image.open(path)).convert("RGB")
     with torch.inference_mode():
         logits = model(tf(img).unsqueeze(0))[0]
     top = torch.topk(torch.softmax(logits, 0), 5)
@@ -101,6 +103,13 @@ def write_photos(out: str) -> list[str]:
         path = os.path.join(photo_dir, fname)
         img.save(path, **kwargs)
         files.append(path)
+    # As a phone stores a portrait photo: the pixels turned a quarter counter-clockwise, with the
+    # EXIF orientation 6 ("turn 90 degrees clockwise to show") that puts it upright again.
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = os.path.join(photo_dir, "chelsea_exif6.jpg")
+    chelsea.transpose(Image.Transpose.ROTATE_90).save(path, quality=92, exif=exif.tobytes())
+    files.append(path)
     return files
 
 
