@@ -223,7 +223,10 @@ impl GrpcInferenceService for Service {
         let r = request.into_inner();
         let result = match super::resolve(&self.state, &r.name, Some(&r.version)) {
             Ok(p) => Ok((p.name.clone(), p.readiness().is_ok())),
-            Err(ApiError::Unavailable(_)) => Ok((String::new(), false)),
+            // As Triton: an unknown model or version is not ready, rather than an error.
+            Err(ApiError::Unavailable(_) | ApiError::ModelNotFound(_)) => {
+                Ok((String::new(), false))
+            }
             Err(e) => Err(e),
         };
         let model = result.as_ref().map_or("", |(m, _)| m.as_str()).to_owned();
