@@ -102,7 +102,7 @@ class Variant:
         Variant("tch-serve fp32, scaled decode off", ["--jpeg-scaled-decode", "off"])
         Variant("tch-serve int8", ["--model-dir", "models/resnet18-int8"])
         Variant("tch-serve fp32, v2 REST", [], path="/v2/models/{model}/infer", body="v2-bytes")
-    (gRPC needs a k6 script of its own, k6/net/grpc, beside load.js). Rows of the same kind on
+    (gRPC has its own k6 script, bench/load-grpc.js: body "grpc", see part_v2). Rows of the same kind on
     the small photos are a part of their own: a function in PART_FUNCS that runs server_suite()
     on start_tch(..., path=v.path, body=v.body) and appends the result, with "workload": "small",
     to results["rows"], which comparison() adds to the tables."""
