@@ -362,7 +362,7 @@ async fn classification_extension_json_and_binary() {
 }
 
 #[tokio::test]
-async fn overload_timeout_and_metrics() {
+async fn overload_and_metrics() {
     let gate = Gate::default();
     let backend = FakeBackend::with(
         "fake",
@@ -398,25 +398,9 @@ async fn overload_timeout_and_metrics() {
     .await;
     assert_error(&r, &body, 503, "overloaded");
     assert_eq!(r.headers()["retry-after"], "1");
-    // A client's timeout (microseconds) shorter than the server's: 504.
-    gate.release(1);
-    let mut req = images_json(&[&img]);
-    req["parameters"] = serde_json::json!({"timeout": 50_000});
-    let waiting = tokio::spawn(
-        router
-            .clone()
-            .oneshot(post_json("/v2/models/fake/infer", req)),
-    );
-    let resp = waiting.await.unwrap().unwrap();
-    // The first request's batch may still hold the places: either refusal is a fast answer;
-    // once it is done the timeout applies.
-    assert!(
-        [503, 504].contains(&resp.status().as_u16()),
-        "{}",
-        resp.status()
-    );
     gate.open();
     assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    // Room again once it is done; a client's timeout longer than the work changes nothing.
     let mut req = images_json(&[&img]);
     req["parameters"] = serde_json::json!({"timeout": 5_000_000});
     let (r, _) = send(&server, post_json("/v2/models/fake/infer", req)).await;
