@@ -98,6 +98,8 @@ WORKDIR /src
 # when Cargo.toml, Cargo.lock or build.rs change, not on a source change.
 # Every target the manifest names gets a stub source (docker/cargo-stubs.sh).
 COPY Cargo.toml Cargo.lock build.rs ./
+# build.rs compiles the Open Inference Protocol's gRPC service from proto/ (protox: no protoc).
+COPY proto/ proto/
 COPY docker/cargo-stubs.sh /usr/local/bin/cargo-stubs
 RUN cargo-stubs >/tmp/stubs.txt \
  && cargo build --release --locked --bin tch-serve \
@@ -154,7 +156,8 @@ RUN ! ldd /usr/local/bin/tch-serve | grep 'not found' \
  && /usr/local/bin/tch-serve --help >/dev/null
 USER 10001:10001
 WORKDIR /tmp
-EXPOSE 8000
+# HTTP (REST, /predict, /v2) and gRPC (the Open Inference Protocol, --grpc-port).
+EXPOSE 8000 8001
 HEALTHCHECK --interval=5s --timeout=3s --start-period=60s --retries=3 \
   CMD ["/usr/local/bin/tch-serve", "healthcheck"]
 STOPSIGNAL SIGTERM

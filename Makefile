@@ -15,7 +15,7 @@ TEST_DATA := target/test-data
 # tch builds against the libtorch inside the venv's torch wheel.
 CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
 
-.PHONY: run setup venv model test-data build test test-rust test-k8s test-containers test-reliability lint bench clean
+.PHONY: run setup venv model test-data build test test-rust test-k8s test-containers test-reliability test-protocol lint bench clean
 
 ## Set up, build and serve the model repository models/ (port $(PORT)): resnet18, the default
 ## model, and the pretrained efficientnet_lite0.
@@ -48,8 +48,9 @@ build: venv
 
 ## The whole suite: formatting, unit and integration tests (real model, real sockets),
 ## Kubernetes manifests against real schemas, the container tests (real Docker engine, real
-## Prometheus), then the reliability tests (load balancer, overload, slow clients, containers).
-test: test-rust test-k8s test-containers test-reliability
+## Prometheus), then the reliability tests (load balancer, overload, slow clients, containers),
+## then the Open Inference Protocol with tritonclient and KServe's SDK.
+test: test-rust test-k8s test-containers test-reliability test-protocol
 
 test-rust: setup
 	cargo fmt --check
@@ -66,6 +67,11 @@ test-k8s:
 
 test-reliability: build setup
 	scripts/reliability-test.sh
+
+## KServe v2 / Triton clients (tritonclient HTTP and gRPC, KServe's SDK) against the release
+## binary on models/ (about 2 minutes cold, venv installs included; 10 s once they exist).
+test-protocol: build setup
+	scripts/protocol-test.sh
 
 ## Benchmark: raw forward pass, tch-serve and its peers (FastAPI, TorchServe) side by side, on
 ## small and phone-sized photos (BENCHMARKS.md, about 25 minutes). BENCH_ARGS="--only peers,phone"

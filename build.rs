@@ -4,10 +4,14 @@
 //! but the linker's `--as-needed` drops it again because no symbol of it is referenced: CUDA
 //! would then be silently unavailable at run time. Force it in with `--no-as-needed`, and record
 //! an rpath to libtorch so development builds run without LD_LIBRARY_PATH.
+//!
+//! It also compiles the Open Inference Protocol's gRPC service (proto/grpc_predict_v2.proto)
+//! into Rust, with protox (a protobuf compiler in Rust: no system protoc needed).
 
 use std::path::Path;
 
 fn main() {
+    compile_protos();
     println!("cargo:rerun-if-env-changed=DEP_TCH_LIBTORCH_LIB");
     let Ok(lib) = std::env::var("DEP_TCH_LIBTORCH_LIB") else {
         return;
@@ -40,5 +44,21 @@ fn main() {
         });
     if let Some(v) = version {
         println!("cargo:rustc-env=TCH_SERVE_LIBTORCH_VERSION={v}");
+    }
+}
+
+fn compile_protos() {
+    const PROTO: &str = "proto/grpc_predict_v2.proto";
+    println!("cargo:rerun-if-changed={PROTO}");
+    let fds = match protox::compile([PROTO], ["proto"]) {
+        Ok(fds) => fds,
+        Err(e) => panic!("compiling {PROTO}: {e}"),
+    };
+    if let Err(e) = tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)
+    {
+        panic!("generating the gRPC code of {PROTO}: {e}");
     }
 }

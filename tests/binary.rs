@@ -28,6 +28,9 @@ fn spawn(port: u16, extra: &[&str]) -> Child {
             "127.0.0.1",
             "--port",
             &port.to_string(),
+            // Tests run in parallel: no fixed gRPC port.
+            "--grpc-port",
+            "0",
             "--model-dir",
         ])
         .arg(model_dir())
@@ -166,6 +169,8 @@ fn cuda_requested_without_a_gpu_fails_at_start_up_and_says_why() {
         .args([
             "--port",
             &port.to_string(),
+            "--grpc-port",
+            "0",
             "--device",
             "cuda",
             "--model-dir",

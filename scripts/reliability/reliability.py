@@ -94,6 +94,7 @@ class Server:
         cmd = [
             str(BIN), "serve",
             "--host", HOST, "--port", str(self.port),
+            "--grpc-port", "0",  # several servers on one host: no fixed gRPC port
             *(self.models or ["--model-dir", str(MODEL_DIR)]),
             "--log-format", "json",
             *self.args,

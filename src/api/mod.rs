@@ -55,7 +55,9 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health::health))
         .route("/live", get(health::live))
         .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(openapi::openapi_json));
+        .route("/openapi.json", get(openapi::openapi_json))
+        // The Open Inference Protocol (KServe v2) REST routes.
+        .merge(crate::v2::rest::routes(state.config.max_body_bytes));
     with_layers(routes, state)
 }
 

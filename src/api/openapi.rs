@@ -31,5 +31,5 @@ use crate::error::ErrorBody;
 pub struct ApiDoc;
 
 pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(ApiDoc::openapi())
+    Json(crate::v2::rest::with_v2(ApiDoc::openapi()))
 }

@@ -200,8 +200,19 @@ impl Server {
     /// the module's documentation). With `--model-dir`, a model that fails to load stops the
     /// server with the reason; in a repository it is reported and the others are served.
     pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
+        self.serve_with_grpc(listener, None, shutdown).await
+    }
+
+    /// As [`Server::serve`], with the Open Inference Protocol's gRPC service on `grpc` too: it
+    /// stops accepting with the HTTP listener and drains within the same deadline.
+    pub async fn serve_with_grpc(
         mut self,
         listener: TcpListener,
+        grpc: Option<TcpListener>,
         shutdown: CancellationToken,
     ) -> anyhow::Result<()> {
         let state = self.state.clone();
@@ -249,6 +260,14 @@ impl Server {
             state.metrics.clone(),
             stop_accepting.clone(),
         ));
+        let grpc = grpc.map(|listener| {
+            tokio::spawn(crate::v2::grpc::serve(
+                listener,
+                state.clone(),
+                shutdown.clone(),
+                stop_accepting.clone(),
+            ))
+        });
 
         shutdown.cancelled().await;
         state.begin_shutdown();
@@ -269,6 +288,12 @@ impl Server {
                 timeout_secs = config.shutdown_timeout_secs,
                 "requests still in flight at the shutdown timeout were dropped"
             );
+        }
+        if let Some(mut grpc) = grpc
+            && tokio::time::timeout_at(deadline, &mut grpc).await.is_err()
+        {
+            grpc.abort();
+            tracing::warn!("gRPC calls still in flight at the shutdown timeout were dropped");
         }
         let pipelines = state.repository.close_all();
         let workers = futures_util::future::join_all(pipelines.iter().map(|p| p.wait_exited()));
@@ -297,13 +322,25 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         env!("CARGO_PKG_VERSION")
     );
     let addr = std::net::SocketAddr::new(config.host, config.port);
+    let (host, grpc_port) = (config.host, config.grpc_port);
     let server = Server::start(config, Arc::new(TorchBackend))?;
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr} (change --port / TCH_SERVE_PORT)"))?;
     tracing::info!(%addr, "listening");
+    let grpc = match grpc_port {
+        0 => None,
+        port => {
+            let addr = std::net::SocketAddr::new(host, port);
+            let l = TcpListener::bind(addr).await.with_context(|| {
+                format!("binding {addr} for gRPC (change --grpc-port / TCH_SERVE_GRPC_PORT, or 0 to disable)")
+            })?;
+            tracing::info!(%addr, "listening (gRPC)");
+            Some(l)
+        }
+    };
     server
-        .serve(listener, crate::shutdown::on_signals())
+        .serve_with_grpc(listener, grpc, crate::shutdown::on_signals())
         .await?;
     tracing::info!("stopped");
     Ok(())

@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# The Open Inference Protocol (KServe v2) with the ecosystem's own clients, against the release
+# binary on the real models:
+#
+#   scripts/protocol-test.sh
+#
+#   1. venvs: .venv-tritonclient (tritonclient[http,grpc], tests/protocol/requirements-tritonclient.txt)
+#      and .venv-kserve (KServe's SDK, heavy, tests/protocol/requirements-kserve.txt), each made and
+#      filled when missing or when its requirements file changed;
+#   2. the server: target/release/tch-serve on the model repository models/ (resnet18 and the
+#      pretrained efficientnet_lite0, as `make run` serves it), HTTP and gRPC on free ports of
+#      127.0.0.1, until /v2/health/ready answers 200;
+#   3. pytest tests/protocol/test_tritonclient.py in the first venv, test_kserve.py in the
+#      second (answers compared with /predict's for the accuracy photos);
+#   4. the server is stopped (SIGTERM) and must exit 0 within its shutdown timeout.
+#
+# The last line is "N passed, M failed"; the exit status is non-zero on failure. Logs go to
+# target/protocol-test/. Needs `make build model test-data`; PyPI for the venvs.
+#
+# Environment: BIN (target/release/tch-serve), MODELS (models), PHOTOS
+# (target/test-data/accuracy), PYTHON (python3, to make the venvs).
+set -uo pipefail
+
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root" || exit 1
+
+BIN="${BIN:-$root/target/release/tch-serve}"
+MODELS="${MODELS:-$root/models}"
+PHOTOS="${PHOTOS:-$root/target/test-data/accuracy}"
+PYTHON="${PYTHON:-python3}"
+work="$root/target/protocol-test"
+mkdir -p "$work"
+
+passed=0
+failed=0
+fail_setup() { echo "setup: $*" >&2; echo "$passed passed, $((failed + 1)) failed"; exit 1; }
+
+[ -x "$BIN" ] || fail_setup "$BIN is missing: run \`make build\`"
+[ -f "$MODELS/efficientnet_lite0/model.pt" ] || fail_setup "$MODELS/efficientnet_lite0/model.pt is missing: run \`make model\`"
+[ -f "$PHOTOS/chelsea.jpg" ] || fail_setup "$PHOTOS has no photos: run \`make test-data\`"
+
+# venv NAME REQUIREMENTS: made and filled when missing or when the requirements changed.
+venv() {
+    local dir="$root/$1" req="$root/$2"
+    if [ -x "$dir/bin/python" ] && cmp -s "$req" "$dir/.requirements"; then
+        return 0
+    fi
+    echo "installing $2 into $1"
+    rm -rf "$dir"
+    "$PYTHON" -m venv "$dir" &&
+        "$dir/bin/pip" install --quiet --disable-pip-version-check --progress-bar off -r "$req" \
+            >"$work/$1.pip.log" 2>&1 &&
+        cp "$req" "$dir/.requirements" ||
+        { tail -20 "$work/$1.pip.log" >&2; return 1; }
+}
+start=$SECONDS
+venv .venv-tritonclient tests/protocol/requirements-tritonclient.txt || fail_setup "pip install into .venv-tritonclient"
+venv .venv-kserve tests/protocol/requirements-kserve.txt || fail_setup "pip install into .venv-kserve"
+echo "venvs ready in $((SECONDS - start)) s"
+
+free_port() {
+    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
+http_port="$(free_port)"
+grpc_port="$(free_port)"
+while [ "$grpc_port" = "$http_port" ]; do grpc_port="$(free_port)"; done
+
+"$BIN" serve --model-repository "$MODELS" --default-model resnet18 --host 127.0.0.1 \
+    --port "$http_port" --grpc-port "$grpc_port" --warmup-iterations 1 \
+    --shutdown-timeout-secs 10 >"$work/server.log" 2>&1 &
+server=$!
+stop_server() {
+    if kill -0 "$server" 2>/dev/null; then
+        kill -TERM "$server"
+        wait "$server"
+        return $?
+    fi
+    return 0
+}
+trap 'kill "$server" 2>/dev/null' EXIT
+
+ready=false
+for _ in $(seq 1 240); do
+    if ! kill -0 "$server" 2>/dev/null; then
+        tail -20 "$work/server.log" >&2
+        fail_setup "the server exited at start (log: $work/server.log)"
+    fi
+    if "$PYTHON" -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:$http_port/v2/health/ready', timeout=2).status != 200)" 2>/dev/null; then
+        ready=true
+        break
+    fi
+    sleep 0.5
+done
+$ready || { tail -20 "$work/server.log" >&2; fail_setup "the server was not ready within 120 s"; }
+echo "server ready: HTTP 127.0.0.1:$http_port, gRPC 127.0.0.1:$grpc_port"
+
+export TCH_SERVE_HTTP="127.0.0.1:$http_port" TCH_SERVE_GRPC="127.0.0.1:$grpc_port"
+export TCH_SERVE_PHOTOS="$PHOTOS" TCH_SERVE_MODELS="$MODELS"
+
+# run_pytest VENV FILE: adds its counts from the JUnit report.
+run_pytest() {
+    local name
+    name="$(basename "$2" .py)"
+    echo
+    echo "=== $2 ($1)"
+    "$root/$1/bin/python" -m pytest -q -p no:cacheprovider --junitxml "$work/$name.xml" "$2"
+    local rc=$?
+    local counts
+    counts="$("$PYTHON" - "$work/$name.xml" <<'EOF'
+import sys, xml.etree.ElementTree as ET
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except Exception:
+    print("0 1")
+    raise SystemExit
+suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
+t = sum(int(s.get("tests", 0)) for s in suites)
+bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
+skipped = sum(int(s.get("skipped", 0)) for s in suites)
+# A skipped test is a failure here: every test needs the server this script started.
+print(t - bad - skipped, bad + skipped if t else 1)
+EOF
+)"
+    read -r p f <<<"$counts"
+    [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
+    passed=$((passed + p))
+    failed=$((failed + f))
+}
+run_pytest .venv-tritonclient tests/protocol/test_tritonclient.py
+run_pytest .venv-kserve tests/protocol/test_kserve.py
+
+echo
+if stop_server; then
+    echo "PASS  the server stopped cleanly on SIGTERM"
+    passed=$((passed + 1))
+else
+    echo "FAIL  the server's exit status after SIGTERM was not 0 (log: $work/server.log)"
+    failed=$((failed + 1))
+fi
+trap - EXIT
+echo "took $((SECONDS - start)) s"
+echo "$passed passed, $failed failed"
+[ "$failed" -eq 0 ]

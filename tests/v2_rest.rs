@@ -1,0 +1,843 @@
+//! The Open Inference Protocol over REST (`/v2/...`) through the router in-process on the fake
+//! classifier, and over a real socket for the limits: every route, JSON and binary, tensors and
+//! encoded images, the classification extension, the errors, and answers equal to /predict's.
+
+mod common;
+
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::http::Request;
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as B64;
+use common::*;
+use http_body_util::BodyExt;
+use image::ImageFormat;
+use tower::ServiceExt;
+
+/// Sends a request and returns status, headers and the raw body.
+async fn send_raw(
+    server: &tch_serve::Server,
+    req: Request<Body>,
+) -> (u16, axum::http::HeaderMap, Vec<u8>) {
+    let resp = server.router().oneshot(req).await.unwrap();
+    let (parts, body) = resp.into_parts();
+    let bytes = body.collect().await.unwrap().to_bytes().to_vec();
+    (parts.status.as_u16(), parts.headers, bytes)
+}
+
+fn post_json(uri: &str, body: serde_json::Value) -> Request<Body> {
+    Request::post(uri)
+        .header("content-type", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+/// A binary-extension request: the JSON, then `binary`.
+fn post_binary(uri: &str, json: serde_json::Value, binary: &[u8]) -> Request<Body> {
+    let header = json.to_string();
+    let mut body = header.clone().into_bytes();
+    body.extend_from_slice(binary);
+    Request::post(uri)
+        .header("content-type", "application/octet-stream")
+        .header("inference-header-content-length", header.len())
+        .body(Body::from(body))
+        .unwrap()
+}
+
+fn get(uri: &str) -> Request<Body> {
+    Request::get(uri).body(Body::empty()).unwrap()
+}
+
+/// BYTES elements in raw form: 4-byte little-endian length, then the bytes.
+fn length_prefixed(elements: &[&[u8]]) -> Vec<u8> {
+    let mut out = Vec::new();
+    for e in elements {
+        out.extend_from_slice(&(e.len() as u32).to_le_bytes());
+        out.extend_from_slice(e);
+    }
+    out
+}
+
+fn images_json(images: &[&[u8]]) -> serde_json::Value {
+    serde_json::json!({
+        "id": "req-1",
+        "inputs": [{
+            "name": "image", "datatype": "BYTES", "shape": [images.len()],
+            "data": images.iter().map(|i| B64.encode(i)).collect::<Vec<_>>(),
+        }]
+    })
+}
+
+/// The FP32 output's rows from a JSON response.
+fn rows(body: &serde_json::Value, classes: usize) -> Vec<Vec<f32>> {
+    let out = &body["outputs"][0];
+    assert_eq!(out["name"], "probabilities", "{body}");
+    assert_eq!(out["datatype"], "FP32");
+    let data: Vec<f32> = out["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap() as f32)
+        .collect();
+    assert_eq!(data.len() % classes, 0);
+    data.chunks(classes).map(<[f32]>::to_vec).collect()
+}
+
+/// A response with the binary data extension: its JSON header and the bytes after it.
+fn split_binary(headers: &axum::http::HeaderMap, body: &[u8]) -> (serde_json::Value, Vec<u8>) {
+    assert_eq!(headers["content-type"], "application/octet-stream");
+    let n: usize = headers["inference-header-content-length"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    (
+        serde_json::from_slice(&body[..n]).unwrap(),
+        body[n..].to_vec(),
+    )
+}
+
+fn le_floats(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// A tensor of the fake model's input, deterministic in `seed`.
+fn tensor(seed: u32) -> Vec<f32> {
+    let n = 3 * (INPUT as usize).pow(2);
+    (0..n)
+        .map(|i| (((i as u32 * 7 + seed * 13) % 97) as f32 / 48.0) - 1.0)
+        .collect()
+}
+
+#[tokio::test]
+async fn server_and_model_metadata_health_and_readiness() {
+    let server = fake_server(&[], Duration::ZERO).await;
+    let (_, body) = send(&server, get("/v2")).await;
+    assert_eq!(body["name"], "tch-serve");
+    assert_eq!(body["version"], env!("CARGO_PKG_VERSION"));
+    let ext: Vec<&str> = body["extensions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e.as_str().unwrap())
+        .collect();
+    assert!(ext.contains(&"binary_tensor_data") && ext.contains(&"classification"));
+
+    let (r, body) = send(&server, get("/v2/health/live")).await;
+    assert_eq!((r.status().as_u16(), &body["live"]), (200, &true.into()));
+    let (r, body) = send(&server, get("/v2/health/ready")).await;
+    assert_eq!((r.status().as_u16(), &body["ready"]), (200, &true.into()));
+
+    for uri in ["/v2/models/fake", "/v2/models/fake/versions/1"] {
+        let (r, body) = send(&server, get(uri)).await;
+        assert_eq!(r.status(), 200, "{uri}: {body}");
+        assert_eq!(body["name"], "fake");
+        assert_eq!(body["versions"], serde_json::json!(["1"]));
+        assert_eq!(body["platform"], "pytorch_libtorch");
+        assert_eq!(
+            body["inputs"],
+            serde_json::json!([
+                {"name": "input", "datatype": "FP32", "shape": [-1, 3, INPUT, INPUT]},
+                {"name": "image", "datatype": "BYTES", "shape": [-1]},
+            ])
+        );
+        assert_eq!(
+            body["outputs"],
+            serde_json::json!([{"name": "probabilities", "datatype": "FP32", "shape": [-1, 10]}])
+        );
+    }
+    for uri in ["/v2/models/fake/ready", "/v2/models/fake/versions/1/ready"] {
+        let (r, body) = send(&server, get(uri)).await;
+        assert_eq!(r.status(), 200, "{uri}");
+        assert_eq!(body, serde_json::json!({"name": "fake", "ready": true}));
+    }
+    // Another version than the one served, an unknown model: 404 with the protocol's error.
+    for uri in [
+        "/v2/models/fake/versions/2",
+        "/v2/models/fake/versions/abc/ready",
+        "/v2/models/nope",
+        "/v2/models/nope/ready",
+    ] {
+        let (r, body) = send(&server, get(uri)).await;
+        assert_error(&r, &body, 404, "model_not_found");
+    }
+    let (r, body) = send(
+        &server,
+        post_json("/v2/models/fake/versions/7/infer", images_json(&[&png(1)])),
+    )
+    .await;
+    assert_error(&r, &body, 404, "model_not_found");
+    assert!(
+        body["error"].as_str().unwrap().contains("version 1"),
+        "{body}"
+    );
+}
+
+#[tokio::test]
+async fn images_as_json_base64_and_as_binary_answer_as_predict_does() {
+    let server = fake_server(&[], Duration::ZERO).await;
+    let images = [
+        png(1),
+        image_bytes(2, 90, 70, ImageFormat::Jpeg),
+        image_bytes(3, 50, 80, ImageFormat::WebP),
+    ];
+    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+
+    let (r, json) = send(
+        &server,
+        post_json("/v2/models/fake/infer", images_json(&refs)),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{json}");
+    assert_eq!(json["id"], "req-1");
+    assert_eq!(json["model_name"], "fake");
+    assert_eq!(json["model_version"], "1");
+    assert_eq!(json["outputs"][0]["shape"], serde_json::json!([3, 10]));
+    let via_json = rows(&json, 10);
+
+    // The same images in binary, shape [N, 1], probabilities asked for in binary too.
+    let header = serde_json::json!({
+        "inputs": [{"name": "image", "datatype": "BYTES", "shape": [3, 1],
+                    "parameters": {"binary_data_size": length_prefixed(&refs).len()}}],
+        "outputs": [{"name": "probabilities", "parameters": {"binary_data": true}}],
+    });
+    let (status, headers, body) = send_raw(
+        &server,
+        post_binary("/v2/models/fake/infer", header, &length_prefixed(&refs)),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let (head, tail) = split_binary(&headers, &body);
+    assert_eq!(head["outputs"][0]["parameters"]["binary_data_size"], 120);
+    assert!(head["outputs"][0].get("data").is_none());
+    let via_binary: Vec<Vec<f32>> = le_floats(&tail).chunks(10).map(<[f32]>::to_vec).collect();
+    assert_eq!(via_json, via_binary);
+
+    // /predict on each image: the same top classes with the same probabilities.
+    for (i, img) in images.iter().enumerate() {
+        let (r, p) = send(
+            &server,
+            predict_raw("/predict?top_k=10", "application/octet-stream", img.clone()),
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        let predicted = ranking(&p["results"][0]);
+        for (index, prob) in predicted {
+            assert_eq!(
+                via_json[i][index as usize], prob as f32,
+                "image {i} class {index}"
+            );
+        }
+        let sum: f32 = via_json[i].iter().sum();
+        assert!((sum - 1.0).abs() < 1e-4, "{sum}");
+    }
+}
+
+#[tokio::test]
+async fn tensors_flat_nested_binary_and_half_precision_agree() {
+    let server = fake_server(&[], Duration::ZERO).await;
+    let (a, b) = (tensor(1), tensor(2));
+    let flat: Vec<f32> = a.iter().chain(&b).copied().collect();
+    let shape = serde_json::json!([2, 3, INPUT, INPUT]);
+    let request = |data: serde_json::Value| {
+        post_json(
+            "/v2/models/fake/infer",
+            serde_json::json!({"inputs": [{"name": "input", "datatype": "FP32", "shape": shape, "data": data}]}),
+        )
+    };
+    let (r, body) = send(&server, request(serde_json::json!(flat))).await;
+    assert_eq!(r.status(), 200, "{body}");
+    let reference = rows(&body, 10);
+    assert_ne!(
+        reference[0], reference[1],
+        "different tensors, different answers"
+    );
+
+    // Nested as the shape: [2][3][32][32].
+    let s = INPUT as usize;
+    let nested: Vec<Vec<Vec<Vec<f32>>>> = flat
+        .chunks(3 * s * s)
+        .map(|img| {
+            img.chunks(s * s)
+                .map(|ch| ch.chunks(s).map(<[f32]>::to_vec).collect())
+                .collect()
+        })
+        .collect();
+    let (_, body) = send(&server, request(serde_json::json!(nested))).await;
+    assert_eq!(rows(&body, 10), reference);
+
+    // Binary FP32, and FP16 / BF16 converted (the fake model rounds to bytes, so they agree
+    // within a rounding step).
+    let fp32: Vec<u8> = flat.iter().flat_map(|f| f.to_le_bytes()).collect();
+    let header = |dt: &str, size: usize| {
+        serde_json::json!({"inputs": [{"name": "input", "datatype": dt, "shape": shape,
+                                       "parameters": {"binary_data_size": size}}]})
+    };
+    let (status, _, body) = send_raw(
+        &server,
+        post_binary("/v2/models/fake/infer", header("FP32", fp32.len()), &fp32),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(rows(&body, 10), reference);
+    let fp16: Vec<u8> = flat
+        .iter()
+        .flat_map(|f| half::f16::from_f32(*f).to_le_bytes())
+        .collect();
+    let bf16: Vec<u8> = flat
+        .iter()
+        .flat_map(|f| half::bf16::from_f32(*f).to_le_bytes())
+        .collect();
+    for (dt, raw) in [("FP16", fp16), ("BF16", bf16)] {
+        let (status, _, body) = send_raw(
+            &server,
+            post_binary("/v2/models/fake/infer", header(dt, raw.len()), &raw),
+        )
+        .await;
+        assert_eq!(status, 200, "{dt}: {}", String::from_utf8_lossy(&body));
+        let got = rows(&serde_json::from_slice(&body).unwrap(), 10);
+        for (g, r) in got.iter().flatten().zip(reference.iter().flatten()) {
+            assert!((g - r).abs() < 0.05, "{dt}: {g} vs {r}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn classification_extension_json_and_binary() {
+    let server = fake_server(&[], Duration::ZERO).await;
+    let img = png(5);
+    let mut req = images_json(&[&img, &img]);
+    let (_, full) = send(&server, post_json("/v2/models/fake/infer", req.clone())).await;
+    let probs = rows(&full, 10);
+    req["outputs"] =
+        serde_json::json!([{"name": "probabilities", "parameters": {"classification": 3}}]);
+    let (r, body) = send(&server, post_json("/v2/models/fake/infer", req.clone())).await;
+    assert_eq!(r.status(), 200, "{body}");
+    let out = &body["outputs"][0];
+    assert_eq!(out["datatype"], "BYTES");
+    assert_eq!(out["shape"], serde_json::json!([2, 3]));
+    let strings: Vec<&str> = out["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    let mut order: Vec<usize> = (0..10).collect();
+    order.sort_by(|a, b| probs[0][*b].total_cmp(&probs[0][*a]));
+    for (j, s) in strings[..3].iter().enumerate() {
+        let parts: Vec<&str> = s.splitn(3, ':').collect();
+        let (score, index, label) = (parts[0], parts[1], parts[2]);
+        assert_eq!(index.parse::<usize>().unwrap(), order[j], "{s}");
+        assert_eq!(score.parse::<f32>().unwrap(), probs[0][order[j]]);
+        assert_eq!(label, format!("class{}", order[j]));
+    }
+    assert_eq!(strings[..3], strings[3..], "same image, same classes");
+
+    // All outputs binary through the request's binary_data_output.
+    req["parameters"] = serde_json::json!({"binary_data_output": true});
+    req["outputs"][0]["parameters"] = serde_json::json!({"classification": 2});
+    let (status, headers, body) = send_raw(
+        &server,
+        Request::post("/v2/models/fake/infer")
+            .body(Body::from(req.to_string()))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (head, tail) = split_binary(&headers, &body);
+    assert_eq!(head["outputs"][0]["shape"], serde_json::json!([2, 2]));
+    let mut elements = Vec::new();
+    let mut at = 0;
+    while at < tail.len() {
+        let n = u32::from_le_bytes(tail[at..at + 4].try_into().unwrap()) as usize;
+        elements.push(String::from_utf8(tail[at + 4..at + 4 + n].to_vec()).unwrap());
+        at += 4 + n;
+    }
+    assert_eq!(elements[0], strings[0]);
+    assert_eq!(elements.len(), 4);
+}
+
+#[tokio::test]
+async fn overload_and_metrics() {
+    let gate = Gate::default();
+    let backend = FakeBackend::with(
+        "fake",
+        Behaviour {
+            gate: Some(gate.clone()),
+            ..Default::default()
+        },
+    );
+    let server = fake_server_with(
+        &[
+            "--queue-capacity",
+            "2",
+            "--max-images-per-request",
+            "2",
+            "--warmup-iterations",
+            "0",
+        ],
+        backend,
+    )
+    .await;
+    let router = server.router();
+    let img = png(1);
+    let first = tokio::spawn(router.clone().oneshot(post_json(
+        "/v2/models/fake/infer",
+        images_json(&[&img, &img]),
+    )));
+    gate.wait_arrived(1).await;
+    // Every place is taken: refused at once, with Retry-After.
+    let (r, body) = send(
+        &server,
+        post_json("/v2/models/fake/infer", images_json(&[&img])),
+    )
+    .await;
+    assert_error(&r, &body, 503, "overloaded");
+    assert_eq!(r.headers()["retry-after"], "1");
+    gate.open();
+    assert_eq!(first.await.unwrap().unwrap().status(), 200);
+    // Room again once it is done; a client's timeout longer than the work changes nothing.
+    let mut req = images_json(&[&img]);
+    req["parameters"] = serde_json::json!({"timeout": 5_000_000});
+    let (r, _) = send(&server, post_json("/v2/models/fake/infer", req)).await;
+    assert_eq!(r.status(), 200);
+
+    let (_, text) = send(&server, get("/metrics")).await;
+    let text = text.as_str().unwrap().to_owned();
+    assert!(
+        metric(
+            &text,
+            r#"tch_serve_requests_total{method="POST",route="/v2/models/{name}/infer",status="200"}"#
+        )
+        .is_some_and(|v| v >= 2.0),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            r#"tch_serve_rejections_total{model="fake",reason="overloaded"}"#
+        ),
+        Some(1.0)
+    );
+}
+
+#[tokio::test]
+async fn a_slow_model_times_out_with_the_clients_timeout() {
+    let server = fake_server(&[], Duration::from_millis(300)).await;
+    let mut req = images_json(&[&png(1)]);
+    req["parameters"] = serde_json::json!({"timeout": 20_000});
+    let (r, body) = send(&server, post_json("/v2/models/fake/infer", req)).await;
+    assert_error(&r, &body, 504, "timeout");
+    assert!(body["error"].as_str().unwrap().contains("20 ms"), "{body}");
+}
+
+/// Malformed requests: each gets its status and a JSON error, and the server still answers.
+#[tokio::test]
+async fn malformed_requests_get_clear_errors_and_do_no_harm() {
+    let server = fake_server(&["--max-images-per-request", "4"], Duration::ZERO).await;
+    let img = png(1);
+    let b64 = B64.encode(&img);
+    let s = INPUT;
+    let uri = "/v2/models/fake/infer";
+    let json = |v: serde_json::Value| post_json(uri, v);
+    let one = |name: &str, dt: &str, shape: serde_json::Value, data: serde_json::Value| {
+        json(
+            serde_json::json!({"inputs": [{"name": name, "datatype": dt, "shape": shape, "data": data}]}),
+        )
+    };
+    let binary = |declared: usize, tail: &[u8]| {
+        post_binary(
+            uri,
+            serde_json::json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+                                           "parameters": {"binary_data_size": declared}}]}),
+            tail,
+        )
+    };
+    let prefixed = length_prefixed(&[&img]);
+    let cases: Vec<(&str, Request<Body>, u16, &str)> = vec![
+        (
+            "not JSON",
+            Request::post(uri).body(Body::from("{nope")).unwrap(),
+            400,
+            "bad_request",
+        ),
+        (
+            "empty body",
+            Request::post(uri).body(Body::empty()).unwrap(),
+            400,
+            "bad_request",
+        ),
+        (
+            "no inputs",
+            json(serde_json::json!({"inputs": []})),
+            400,
+            "bad_request",
+        ),
+        (
+            "two inputs",
+            json(serde_json::json!({"inputs": [
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]},
+            {"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}]})),
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown input",
+            one(
+                "pixels",
+                "BYTES",
+                serde_json::json!([1]),
+                serde_json::json!([b64]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown datatype",
+            one(
+                "image",
+                "STRING",
+                serde_json::json!([1]),
+                serde_json::json!([b64]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "datatype mismatch: image as FP32",
+            one(
+                "image",
+                "FP32",
+                serde_json::json!([1]),
+                serde_json::json!([1.0]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "datatype mismatch: input as INT64",
+            one(
+                "input",
+                "INT64",
+                serde_json::json!([1, 3, s, s]),
+                serde_json::json!([1]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "tensor shape of the wrong size",
+            one(
+                "input",
+                "FP32",
+                serde_json::json!([1, 3, s + 1, s]),
+                serde_json::json!([0.0]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "tensor without batch dimension",
+            one(
+                "input",
+                "FP32",
+                serde_json::json!([3, s, s]),
+                serde_json::json!([0.0]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "tensor data shorter than its shape",
+            one(
+                "input",
+                "FP32",
+                serde_json::json!([1, 3, s, s]),
+                serde_json::json!([0.0, 1.0]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "strings for a tensor",
+            one(
+                "input",
+                "FP32",
+                serde_json::json!([1, 3, s, s]),
+                serde_json::json!(["a"]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "numbers for images",
+            one(
+                "image",
+                "BYTES",
+                serde_json::json!([1]),
+                serde_json::json!([1, 2]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "images shape [1, 2]",
+            one(
+                "image",
+                "BYTES",
+                serde_json::json!([1, 2]),
+                serde_json::json!([b64, b64]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "more elements than the shape",
+            one(
+                "image",
+                "BYTES",
+                serde_json::json!([1]),
+                serde_json::json!([b64, b64]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "batch of 0",
+            one(
+                "image",
+                "BYTES",
+                serde_json::json!([0]),
+                serde_json::json!([]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "huge batch dimension",
+            one(
+                "input",
+                "FP32",
+                serde_json::json!([i64::MAX, 3, s, s]),
+                serde_json::json!([0.0]),
+            ),
+            413,
+            "too_many_images",
+        ),
+        (
+            "more images than allowed",
+            one(
+                "image",
+                "BYTES",
+                serde_json::json!([5]),
+                serde_json::json!([b64, b64, b64, b64, b64]),
+            ),
+            413,
+            "too_many_images",
+        ),
+        (
+            "bad base64",
+            one(
+                "image",
+                "BYTES",
+                serde_json::json!([1]),
+                serde_json::json!(["abcde"]),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "not an image",
+            one(
+                "image",
+                "BYTES",
+                serde_json::json!([1]),
+                serde_json::json!([B64.encode(b"%PDF-1.7 not an image")]),
+            ),
+            415,
+            "unsupported_media_type",
+        ),
+        (
+            "truncated image",
+            one(
+                "image",
+                "BYTES",
+                serde_json::json!([1]),
+                serde_json::json!([B64.encode(&img[..img.len() / 2])]),
+            ),
+            422,
+            "undecodable_image",
+        ),
+        (
+            "no data",
+            json(
+                serde_json::json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1]}]}),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "unknown output",
+            json(
+                serde_json::json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}],
+                                                   "outputs": [{"name": "logits"}]}),
+            ),
+            400,
+            "bad_request",
+        ),
+        (
+            "classification 0",
+            json(
+                serde_json::json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1], "data": [b64]}],
+                                                     "outputs": [{"name": "probabilities", "parameters": {"classification": 0}}]}),
+            ),
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "timeout as a string",
+            json(serde_json::json!({"inputs": [], "parameters": {"timeout": "1s"}})),
+            400,
+            "invalid_parameter",
+        ),
+        (
+            "binary section shorter than declared",
+            binary(prefixed.len(), &prefixed[..prefixed.len() - 10]),
+            400,
+            "bad_request",
+        ),
+        (
+            "huge declared binary size",
+            binary(usize::MAX, &prefixed),
+            400,
+            "bad_request",
+        ),
+        (
+            "bytes left over after the inputs",
+            binary(prefixed.len(), &[prefixed.as_slice(), b"extra"].concat()),
+            400,
+            "bad_request",
+        ),
+        (
+            "truncated BYTES element",
+            binary(prefixed.len() - 10, &prefixed[..prefixed.len() - 10]),
+            400,
+            "bad_request",
+        ),
+        (
+            "element length beyond its section",
+            binary(8, &[0xff, 0xff, 0xff, 0x7f, 1, 2, 3, 4]),
+            400,
+            "bad_request",
+        ),
+        (
+            "header length beyond the body",
+            Request::post(uri)
+                .header("inference-header-content-length", "100000")
+                .body(Body::from(images_json(&[&img]).to_string()))
+                .unwrap(),
+            400,
+            "bad_request",
+        ),
+        (
+            "header length not a number",
+            Request::post(uri)
+                .header("inference-header-content-length", "-5")
+                .body(Body::from(images_json(&[&img]).to_string()))
+                .unwrap(),
+            400,
+            "bad_request",
+        ),
+        (
+            "compressed body",
+            Request::post(uri)
+                .header("content-encoding", "gzip")
+                .body(Body::from(images_json(&[&img]).to_string()))
+                .unwrap(),
+            415,
+            "unsupported_media_type",
+        ),
+        ("GET on infer", get(uri), 405, "method_not_allowed"),
+    ];
+    for (what, req, status, code) in cases {
+        let (r, body) = send(&server, req).await;
+        assert_eq!(r.status().as_u16(), status, "{what}: {body}");
+        assert_eq!(body["code"], code, "{what}: {body}");
+        assert!(
+            body["error"].as_str().is_some_and(|e| !e.is_empty()),
+            "{what}"
+        );
+    }
+    let (r, body) = send(&server, post_json(uri, images_json(&[&img]))).await;
+    assert_eq!(r.status(), 200, "still serving: {body}");
+}
+
+#[tokio::test]
+async fn over_a_socket_the_body_limit_holds_and_the_answers_match() {
+    let server = fake_server(&["--max-body-bytes", "65536"], Duration::ZERO).await;
+    let (addr, stop, task) = serve_on_socket(server.server).await;
+    let client = reqwest::Client::new();
+    let url = format!("http://{addr}/v2/models/fake/infer");
+    let img = png(4);
+    let r = client
+        .post(&url)
+        .json(&images_json(&[&img]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(rows(&body, 10).len(), 1);
+    // A binary body over --max-body-bytes: 413 before it is read, as for /predict.
+    let big = vec![0u8; 100_000];
+    let header = serde_json::json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+        "parameters": {"binary_data_size": big.len() + 4}}]})
+    .to_string();
+    let mut payload = header.clone().into_bytes();
+    payload.extend_from_slice(&(big.len() as u32).to_le_bytes());
+    payload.extend_from_slice(&big);
+    let r = client
+        .post(&url)
+        .header("inference-header-content-length", header.len())
+        .body(payload)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 413);
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["code"], "payload_too_large");
+    let r = client
+        .get(format!("http://{addr}/v2/health/ready"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn openapi_describes_the_v2_routes() {
+    let server = fake_server(&[], Duration::ZERO).await;
+    let (_, body) = send(&server, get("/openapi.json")).await;
+    for path in [
+        "/v2",
+        "/v2/health/live",
+        "/v2/health/ready",
+        "/v2/models/{name}",
+        "/v2/models/{name}/ready",
+        "/v2/models/{name}/infer",
+        "/predict",
+    ] {
+        assert!(body["paths"].get(path).is_some(), "{path} missing");
+    }
+    assert!(
+        body["components"]["schemas"]
+            .get("InferRequestBody")
+            .is_some()
+    );
+}
