@@ -6,6 +6,7 @@
 //! [`shutdown`] turns signals into its one cancellation token.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metadata;

@@ -2,10 +2,12 @@
 //! through (request id, tracing, metrics, panic catching). Each endpoint family has its file;
 //! they only translate between HTTP and the [`crate::repository`] and [`crate::pipeline`].
 
+mod auth;
 mod health;
 mod models;
 mod openapi;
 mod predict;
+pub mod upload;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -60,7 +62,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Wraps `routes` in the layers every request passes through: the JSON fallbacks, panics
-/// turned into JSON 500s, the metrics, the request id and the tracing span.
+/// turned into JSON 500s, the API keys, the metrics, the request id and the tracing span.
 pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     routes
         .fallback(not_found)
@@ -70,6 +72,11 @@ pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Route
             tracing::error!("handler panicked");
             ApiError::Internal.into_response()
         }))
+        // Inside the metrics, so that refusals are counted; before any handler reads a body.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(
             ServiceBuilder::new()
