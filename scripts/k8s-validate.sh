@@ -26,7 +26,10 @@
 #      window; KEDA's Prometheus trigger uses only keys its scaler reads; Ingress and route
 #      backends exist, and their body-size limit and timeouts exceed the server's
 #      (--max-body-bytes, --request-timeout-ms: defaults from README.md's configuration table,
-#      or the Deployment's environment); gRPC goes to the grpc port, over h2c;
+#      or the Deployment's environment); gRPC goes to the grpc port, over h2c; secret volumes
+#      name a Secret of the render (the api-key component's is made by a secretGenerator from
+#      a random key file, as its README shows), mounted read-only and not world-readable, and
+#      TCH_SERVE_API_KEY_FILE is one of their files, never a key in the environment;
 # then the prometheus-adapter rules (components/prometheus-adapter/values.yaml) against
 # deploy/kubernetes/schemas/prometheus-adapter-config.json, the metric they expose against the
 # HPA's; self-tests that a misspelt field fails kubernetes-validate and the adapter schema;
@@ -76,7 +79,7 @@ rendered="$work/rendered"
 # The components rendered on top of the base, besides servicemonitor alone. keda and
 # prometheus-adapter both own the autoscaling, so they go in different sets.
 COMPONENT_SETS=(
-    "servicemonitor keda ingress-nginx gateway-api"
+    "servicemonitor keda ingress-nginx gateway-api api-key"
     "servicemonitor prometheus-adapter loadbalancer"
 )
 
@@ -205,6 +208,15 @@ for set in "${COMPONENT_SETS[@]}"; do
             echo "  - $(realpath --relative-to="$dir" "$root/$K8S_DIR")/components/$c"
             used+="$c "
         done
+        # The api-key component mounts a Secret the user provides: here, as its README shows,
+        # from a file beside the overlay (a random key, never committed).
+        if [[ " $set " == *" api-key "* ]]; then
+            head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$dir/api_key"
+            echo "secretGenerator:"
+            echo "  - name: tch-serve-api-key"
+            echo "    namespace: tch-serve"
+            echo "    files: [api_key=api_key]"
+        fi
     } >"$dir/kustomization.yaml"
     targets+=("$name=$dir")
 done
@@ -344,6 +356,27 @@ for dep in by_kind("Deployment"):
     timeout = int(env.get("TCH_SERVE_SHUTDOWN_TIMEOUT_SECS") or 25)
     # + 5 s: after the shutdown timeout the server gives its inference thread up to 5 s.
     out(grace >= delay + timeout + 5, f"Deployment/{name}: grace period {grace} s >= shutdown delay {delay} s + timeout {timeout} s + 5 s")
+    # Secrets mounted as files: the Secret is in this render, holds every key the volume
+    # names, is mounted read-only, and TCH_SERVE_API_KEY_FILE (when set) is one of its files.
+    secrets = {s["metadata"]["name"]: s for s in by_kind("Secret")}
+    mounts_by_volume = {m["name"]: m for m in c.get("volumeMounts", [])}
+    secret_files = set()
+    for v in pod["spec"].get("volumes", []):
+        if "secret" not in v:
+            continue
+        sname = v["secret"]["secretName"]
+        data = {**secrets.get(sname, {}).get("data", {}), **secrets.get(sname, {}).get("stringData", {})}
+        items = v["secret"].get("items") or [{"key": k, "path": k} for k in data]
+        mount = mounts_by_volume.get(v["name"], {})
+        secret_files |= {f'{mount.get("mountPath", "?")}/{i["path"]}' for i in items}
+        out(sname in secrets and all(i["key"] in data for i in items) and mount.get("readOnly") is True
+            and v["secret"].get("optional") is not True and v["secret"].get("defaultMode", 0o644) & 0o007 == 0,
+            f"Deployment/{name}: secret volume {v['name']} -> Secret/{sname} of this render with keys "
+            f"{[i['key'] for i in items]}, mounted read-only at {mount.get('mountPath')}, not world-readable")
+    key_file = env.get("TCH_SERVE_API_KEY_FILE")
+    if key_file:
+        out(key_file in secret_files, f"Deployment/{name}: TCH_SERVE_API_KEY_FILE {key_file} is a file of a mounted Secret")
+    out("TCH_SERVE_API_KEY" not in env, f"Deployment/{name}: no API key in the environment (TCH_SERVE_API_KEY)")
     sc = c.get("securityContext", {})
     psc = pod["spec"].get("securityContext", {})
     hardened = (sc.get("readOnlyRootFilesystem") and sc.get("allowPrivilegeEscalation") is False

@@ -123,10 +123,21 @@ pub struct ServeConfig {
     /// Images admitted at once (being decoded, queued or in inference); beyond it requests get 503.
     #[arg(long, env = "TCH_SERVE_QUEUE_CAPACITY", default_value_t = 32)]
     pub queue_capacity: usize,
-    /// Request bodies being received at once; beyond it requests get 503. With --max-body-bytes it
-    /// bounds the memory that uploads can take.
-    #[arg(long, env = "TCH_SERVE_MAX_PENDING_UPLOADS", default_value_t = 64)]
-    pub max_pending_uploads: usize,
+    /// Memory that request bodies being received may take, in bytes, counted as the bytes
+    /// arrive (a slow client holds only what it has sent); beyond it requests get 503.
+    #[arg(long, env = "TCH_SERVE_MAX_UPLOAD_MEMORY_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub max_upload_memory_bytes: usize,
+    /// Seconds a request body may take to arrive, from the end of its headers (408 beyond).
+    #[arg(long, env = "TCH_SERVE_UPLOAD_TIMEOUT_SECS", default_value_t = 20)]
+    pub upload_timeout_secs: u64,
+    /// Bytes per second a request body must keep up on average, after --upload-rate-grace-secs
+    /// (408 when it falls further behind; 0: no minimum).
+    #[arg(long, env = "TCH_SERVE_UPLOAD_MIN_RATE_BYTES", default_value_t = 1024)]
+    pub upload_min_rate_bytes: u64,
+    /// Seconds a request body may fall behind --upload-min-rate-bytes (so also how long one that
+    /// stalls from the start is waited for).
+    #[arg(long, env = "TCH_SERVE_UPLOAD_RATE_GRACE_SECS", default_value_t = 5)]
+    pub upload_rate_grace_secs: u64,
     /// Largest request body accepted, in bytes (413 beyond).
     #[arg(long, env = "TCH_SERVE_MAX_BODY_BYTES", default_value_t = 16 * 1024 * 1024)]
     pub max_body_bytes: usize,
@@ -178,13 +189,31 @@ pub struct ServeConfig {
     /// Log format.
     #[arg(long, env = "TCH_SERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
-    /// Client connections open at once; beyond it new connections are closed at once.
+    /// Client connections open at once; a new one beyond it takes the place of the connection
+    /// that has been idle or sending its headers the longest (closed at once when all are busy).
     #[arg(long, env = "TCH_SERVE_MAX_CONNECTIONS", default_value_t = 1024)]
     pub max_connections: usize,
-    /// Seconds a client has to send a request's headers, counted from the connection's start or
-    /// the end of the previous response (so also how long an idle keep-alive connection stays).
+    /// Seconds a client has to send a request's headers, from the connection's start or the
+    /// request's first byte.
     #[arg(long, env = "TCH_SERVE_HEADER_READ_TIMEOUT_SECS", default_value_t = 10)]
     pub header_read_timeout_secs: u64,
+    /// Seconds a keep-alive connection may stay idle between two requests. Keep it above the
+    /// idle timeout of any load balancer in front (60 s for most), or it answers 502s.
+    #[arg(long, env = "TCH_SERVE_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 75)]
+    pub keep_alive_timeout_secs: u64,
+    /// API keys that inference, model control and every route but /live, /health and /metrics
+    /// then need, as `Authorization: Bearer <key>` (repeatable; in the environment,
+    /// comma-separated). Never logged.
+    #[arg(long = "api-key", env = "TCH_SERVE_API_KEY", value_delimiter = ',', hide_env_values = true, value_parser = crate::auth::ApiKey::from_arg)]
+    #[serde(rename = "api_keys", serialize_with = "crate::auth::redact_keys")]
+    pub api_keys: Vec<crate::auth::ApiKey>,
+    /// A file of API keys, one per line (blank lines and lines starting with # are skipped), read
+    /// at start-up; adds to --api-key.
+    #[arg(long, env = "TCH_SERVE_API_KEY_FILE")]
+    pub api_key_file: Option<PathBuf>,
+    /// With API keys, /metrics needs one too.
+    #[arg(long, env = "TCH_SERVE_PROTECT_METRICS")]
+    pub protect_metrics: bool,
     /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before exiting anyway.
     #[arg(long, env = "TCH_SERVE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
     pub shutdown_timeout_secs: u64,
@@ -234,6 +263,14 @@ impl ServeConfig {
         Duration::from_millis(self.request_timeout_ms)
     }
 
+    pub fn upload_limits(&self) -> crate::api::upload::UploadLimits {
+        crate::api::upload::UploadLimits {
+            timeout: Duration::from_secs(self.upload_timeout_secs),
+            min_rate: self.upload_min_rate_bytes,
+            grace: Duration::from_secs(self.upload_rate_grace_secs),
+        }
+    }
+
     /// Cross-field checks; the message names the flags to change.
     pub fn validate(&self) -> Result<(), String> {
         self.model_defaults().validate(
@@ -253,8 +290,19 @@ impl ServeConfig {
         if self.header_read_timeout_secs == 0 {
             return Err("--header-read-timeout-secs must be at least 1".into());
         }
-        if self.max_pending_uploads == 0 {
-            return Err("--max-pending-uploads must be at least 1".into());
+        if self.keep_alive_timeout_secs == 0 {
+            return Err("--keep-alive-timeout-secs must be at least 1".into());
+        }
+        if self.max_upload_memory_bytes < self.max_body_bytes {
+            return Err(format!(
+                "--max-upload-memory-bytes ({}) must be at least --max-body-bytes ({}), or a body of the largest size could never be received",
+                self.max_upload_memory_bytes, self.max_body_bytes
+            ));
+        }
+        if self.upload_timeout_secs == 0 || self.upload_rate_grace_secs == 0 {
+            return Err(
+                "--upload-timeout-secs and --upload-rate-grace-secs must be at least 1".into(),
+            );
         }
         if self.max_images_per_request == 0 {
             return Err("--max-images-per-request must be at least 1".into());
@@ -534,6 +582,34 @@ mod tests {
         assert!(err.contains("--max-batch-size"));
         let err = config(&["--device", "npu"]).validate().unwrap_err();
         assert!(err.contains("--device"));
+    }
+
+    #[test]
+    fn connection_and_upload_settings() {
+        let c = config(&[]);
+        assert_eq!(
+            (c.header_read_timeout_secs, c.keep_alive_timeout_secs),
+            (10, 75)
+        );
+        assert_eq!(c.max_upload_memory_bytes, 256 << 20);
+        let err = config(&["--max-upload-memory-bytes", "1000000"])
+            .validate()
+            .unwrap_err();
+        assert!(
+            err.contains("--max-upload-memory-bytes") && err.contains("--max-body-bytes"),
+            "{err}"
+        );
+        for bad in [
+            ["--keep-alive-timeout-secs", "0"],
+            ["--upload-timeout-secs", "0"],
+            ["--upload-rate-grace-secs", "0"],
+        ] {
+            let err = config(&bad).validate().unwrap_err();
+            assert!(err.contains(bad[0]), "{err}");
+        }
+        let c = config(&["--api-key", "a", "--api-key", "b,c"]);
+        assert_eq!(c.api_keys.len(), 3);
+        assert!(!format!("{c:?}").contains("\"b\""));
     }
 
     #[test]

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::auth::Refusal;
 use crate::pipeline::PipelineError;
 use crate::preprocess::PreprocessError;
 use crate::repository::RepoError;
@@ -57,6 +58,14 @@ pub enum ApiError {
     ModelControlDisabled,
     #[error("the request did not complete within {ms} ms")]
     Timeout { ms: u64 },
+    /// The client was too slow sending its request body.
+    #[error("{0}")]
+    RequestTimeout(String),
+    #[error("{}", match .0 {
+        Refusal::Missing => "this route needs an API key: send `Authorization: Bearer <key>`",
+        Refusal::Invalid => "the API key is not valid",
+    })]
+    Unauthorized(Refusal),
     #[error("no route for {0}")]
     NotFound(String),
     #[error("method not allowed")]
@@ -84,6 +93,8 @@ impl ApiError {
             }
             Self::Overloaded(_) | Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Timeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Self::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::NotFound(_) => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -108,6 +119,8 @@ impl ApiError {
             Self::ModelLoadFailed(_) => "model_load_failed",
             Self::ModelControlDisabled => "model_control_disabled",
             Self::Timeout { .. } => "timeout",
+            Self::RequestTimeout(_) => "request_timeout",
+            Self::Unauthorized(_) => "unauthorized",
             Self::NotFound(_) => "not_found",
             Self::MethodNotAllowed => "method_not_allowed",
             Self::Internal => "internal",
@@ -177,6 +190,25 @@ impl IntoResponse for ApiError {
                 .headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        match &self {
+            // The rest of the body is not read: the connection cannot serve another request.
+            Self::RequestTimeout(_) => {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            // RFC 6750, section 3.
+            Self::Unauthorized(why) => {
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static(match why {
+                        Refusal::Missing => "Bearer realm=\"tch-serve\"",
+                        Refusal::Invalid => "Bearer realm=\"tch-serve\", error=\"invalid_token\"",
+                    }),
+                );
+            }
+            _ => {}
+        }
         response.extensions_mut().insert(ErrorCode(self.code()));
         response
     }
@@ -218,6 +250,12 @@ mod tests {
                 "model_control_disabled",
             ),
             (ApiError::Timeout { ms: 1 }, 504, "timeout"),
+            (ApiError::RequestTimeout("x".into()), 408, "request_timeout"),
+            (
+                ApiError::Unauthorized(Refusal::Missing),
+                401,
+                "unauthorized",
+            ),
             (ApiError::NotFound("/x".into()), 404, "not_found"),
         ];
         for (err, status, code) in cases {

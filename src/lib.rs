@@ -7,6 +7,7 @@
 //! Protocol (KServe v2) front door, over REST beside [`api`] and over gRPC.
 
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod error;
 pub mod metadata;

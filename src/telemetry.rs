@@ -52,6 +52,11 @@ pub struct Metrics {
     pub connections_refused: IntCounterVec,
     pub decode_memory: IntGauge,
     pub decode_memory_budget: IntGauge,
+    pub connections_closed: IntCounterVec,
+    pub connections_by_state: IntGaugeVec,
+    pub uploads_in_progress: IntGauge,
+    pub upload_buffered_bytes: IntGauge,
+    pub upload_budget_bytes: IntGauge,
     // Per model (label `model`).
     queue_wait: HistogramVec,
     preprocess_duration: HistogramVec,
@@ -150,7 +155,7 @@ impl Metrics {
             .expect("valid counter"),
             connections_refused: counter(
                 "tch_serve_connections_refused_total",
-                "Client connections closed at once or early, by reason.",
+                "Client connections closed as soon as accepted, by reason (max_connections: every open connection was busy).",
                 &["reason"],
             ),
             decode_memory: IntGauge::new(
@@ -161,6 +166,31 @@ impl Metrics {
             decode_memory_budget: IntGauge::new(
                 "tch_serve_decode_memory_budget_bytes",
                 "The decode memory budget (--decode-memory-bytes).",
+            )
+            .expect("valid gauge"),
+            connections_closed: counter(
+                "tch_serve_connections_closed_total",
+                "Client connections closed by the server while waiting on the client, by reason: header_timeout, idle (keep-alive timeout), evicted (to make room for a new connection at --max-connections).",
+                &["reason"],
+            ),
+            connections_by_state: gauge(
+                "tch_serve_connections_by_state",
+                "Client connections open now, by state: headers (a request's headers being received, or none yet), idle (keep-alive, between requests), busy (a request being received or served).",
+                &["state"],
+            ),
+            uploads_in_progress: IntGauge::new(
+                "tch_serve_uploads_in_progress",
+                "Request bodies being received now.",
+            )
+            .expect("valid gauge"),
+            upload_buffered_bytes: IntGauge::new(
+                "tch_serve_upload_buffered_bytes",
+                "Bytes of request bodies received so far by the uploads in progress, held against --max-upload-memory-bytes.",
+            )
+            .expect("valid gauge"),
+            upload_budget_bytes: IntGauge::new(
+                "tch_serve_upload_budget_bytes",
+                "Memory that request bodies being received may take (--max-upload-memory-bytes).",
             )
             .expect("valid gauge"),
             queue_wait: histogram(
@@ -256,6 +286,11 @@ impl Metrics {
             Box::new(m.connections_refused.clone()),
             Box::new(m.decode_memory.clone()),
             Box::new(m.decode_memory_budget.clone()),
+            Box::new(m.connections_closed.clone()),
+            Box::new(m.connections_by_state.clone()),
+            Box::new(m.uploads_in_progress.clone()),
+            Box::new(m.upload_buffered_bytes.clone()),
+            Box::new(m.upload_budget_bytes.clone()),
             Box::new(m.queue_wait.clone()),
             Box::new(m.preprocess_duration.clone()),
             Box::new(m.inference_duration.clone()),
@@ -273,6 +308,15 @@ impl Metrics {
         ];
         for c in collectors {
             m.registry.register(c).expect("metric names are unique");
+        }
+        // Every reason and state from the start, at 0, so that rates and alerts have a series.
+        m.connections_refused
+            .with_label_values(&["max_connections"]);
+        for reason in ["header_timeout", "idle", "evicted"] {
+            m.connections_closed.with_label_values(&[reason]);
+        }
+        for state in ["headers", "idle", "busy"] {
+            m.connections_by_state.with_label_values(&[state]);
         }
         #[cfg(target_os = "linux")]
         m.registry

@@ -475,12 +475,32 @@ async fn full_queue_is_refused_fast_with_retry_after() {
     );
 }
 
+/// Bodies being received take their bytes from a budget (`--max-upload-memory-bytes`) as the
+/// bytes arrive: a request that would overflow it is refused at once (503), from its declared
+/// length or as soon as its bytes do not fit, and what a body held comes back when it ends.
 #[tokio::test]
-async fn uploads_in_progress_are_bounded() {
-    let server = fake_server(&["--max-pending-uploads", "1"], Duration::ZERO).await;
-    // A body that never finishes holds the only upload place.
+async fn upload_memory_is_bounded_by_a_byte_budget() {
+    let server = fake_server(
+        &[
+            "--max-body-bytes",
+            "65536",
+            "--max-upload-memory-bytes",
+            "65536",
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let held = |server: &FakeServer| {
+        metric(
+            &server.state.metrics.render(),
+            "tch_serve_upload_buffered_bytes",
+        )
+    };
+    // A body that sends 40,000 bytes and then nothing holds 40,000 bytes of the budget.
     let (tx, rx) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
-    tx.send(Ok(png(1)[..10].to_vec())).await.unwrap();
+    let mut first = png(1)[..100].to_vec();
+    first.resize(40_000, 0);
+    tx.send(Ok(first)).await.unwrap();
     let body = Body::from_stream(tokio_stream_from(rx));
     let router = server.router();
     let stuck = tokio::spawn(async move {
@@ -496,29 +516,46 @@ async fn uploads_in_progress_are_bounded() {
             .unwrap()
             .status()
     });
-    // Once the stuck body holds the place, the next request is refused.
-    let mut refused = None;
-    for _ in 0..2000 {
-        let (resp, body) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
-        if resp.status() == 503 {
-            refused = Some((resp, body));
-            break;
-        }
-        assert_eq!(resp.status(), 200, "{body}");
-        tokio::task::yield_now().await;
-    }
-    let (resp, body) = refused.expect("the stuck upload never held its place");
+    assert!(eventually(Duration::from_secs(10), || held(&server) == Some(40_000.0)).await);
+    // 30,000 more declared: refused at once, before a byte is read.
+    let (resp, body) = send(
+        &server,
+        predict_raw("/predict", "image/png", vec![0u8; 30_000]),
+    )
+    .await;
     assert_error(&resp, &body, 503, "overloaded");
+    assert_eq!(resp.headers()["retry-after"], "1");
+    // 30,000 more without a declared length: refused when they arrive.
+    let (tx2, rx2) = tokio::sync::mpsc::channel::<Result<Vec<u8>, std::io::Error>>(1);
+    tx2.send(Ok(vec![0u8; 30_000])).await.unwrap();
+    let (resp, body) = send(
+        &server,
+        Request::post("/predict")
+            .header("content-type", "image/png")
+            .body(Body::from_stream(tokio_stream_from(rx2)))
+            .unwrap(),
+    )
+    .await;
+    assert_error(&resp, &body, 503, "overloaded");
+    // A photo that fits is served beside the stuck one.
+    let (resp, body) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
+    assert_eq!(resp.status(), 200, "{body}");
     assert!(!stuck.is_finished());
-    // The client goes away: its place is freed.
+    assert_eq!(held(&server), Some(40_000.0));
+    // The client goes away: its bytes are given back.
     drop(tx);
     assert_eq!(
         stuck.await.unwrap(),
         422,
         "a body cut short is an undecodable image"
     );
-    let (resp, _) = send(&server, predict_raw("/predict", "image/png", png(2))).await;
-    assert_eq!(resp.status(), 200);
+    assert_eq!(held(&server), Some(0.0));
+    let (resp, _) = send(
+        &server,
+        predict_raw("/predict", "image/png", vec![0u8; 60_000]),
+    )
+    .await;
+    assert_ne!(resp.status(), 503, "the whole budget is free again");
 }
 
 fn tokio_stream_from(

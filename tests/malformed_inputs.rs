@@ -5,7 +5,9 @@
 //! Covered: truncations of every format, empty bodies, wrong magic bytes, decompression bombs
 //! (PNG, GIF, WebP, BMP and JPEG headers declaring huge images, a real zlib bomb), colour
 //! types (CMYK JPEG, 16-bit, grayscale, grayscale + alpha, RGBA, palette), an EXIF-rotated
-//! JPEG, 1x1 images and extreme aspect ratios.
+//! JPEG, 1x1 images and extreme aspect ratios. Then hostile HTTP requests over a real socket
+//! (stalled and endless uploads, missing or wrong API keys, conflicting lengths, broken chunks,
+//! slowloris), each with its expected answer.
 
 mod common;
 
@@ -770,4 +772,291 @@ fn exif_orientation_is_applied_or_ignored_as_configured() {
     assert_eq!((i.width, i.height), (64, 48));
     assert_eq!(i.pixels, ignore.run(&stored).unwrap().pixels);
     assert_ne!(a.pixels, i.pixels);
+}
+
+// ------------------------------------------------------- hostile requests ---
+
+/// What a hostile request gets over a real socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    /// A JSON answer with this status and code (200: "").
+    Json(u16, String),
+    /// hyper's own bodiless answer from its HTTP/1 parser, before the router.
+    Bare(u16),
+    /// The connection closed without an answer (a timeout the client earned).
+    Closed,
+}
+
+fn json(status: u16, code: &str) -> Answer {
+    Answer::Json(status, code.to_owned())
+}
+
+const HOSTILE_KEY: &str = "hostile-corpus.0123456789abcdef";
+
+/// Requests that the bugs of hostile clients were found with, and the HTTP framing oddities
+/// around them, sent as raw bytes over a socket (the router cannot express most of them),
+/// each with its expected answer. The server has an API key, a 1 s header timeout and a 1 s
+/// upload grace; afterwards it serves a normal request.
+fn hostile_requests() -> Vec<(&'static str, Vec<u8>, Answer)> {
+    let img = png(5);
+    let auth = format!("Authorization: Bearer {HOSTILE_KEY}\r\n");
+    let post = |headers: &str, body: &[u8]| {
+        let mut r = format!(
+            "POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n{headers}\r\n"
+        )
+        .into_bytes();
+        r.extend_from_slice(body);
+        r
+    };
+    let with_length = |extra: &str, body: &[u8]| {
+        post(
+            &format!("{auth}{extra}Content-Length: {}\r\n", body.len()),
+            body,
+        )
+    };
+    let mut chunked = format!("{:x}\r\n", img.len()).into_bytes();
+    chunked.extend_from_slice(&img);
+    chunked.extend_from_slice(b"\r\n0\r\n\r\n");
+    vec![
+        (
+            "the image, with the key",
+            with_length("", &img),
+            json(200, ""),
+        ),
+        (
+            "the image, chunked, with the key",
+            post(&format!("{auth}Transfer-Encoding: chunked\r\n"), &chunked),
+            json(200, ""),
+        ),
+        (
+            "no Authorization",
+            post(&format!("Content-Length: {}\r\n", img.len()), &img),
+            json(401, "unauthorized"),
+        ),
+        (
+            "a wrong key",
+            post(
+                &format!(
+                    "Authorization: Bearer nope\r\nContent-Length: {}\r\n",
+                    img.len()
+                ),
+                &img,
+            ),
+            json(401, "unauthorized"),
+        ),
+        (
+            "the key as Basic credentials",
+            post(
+                &format!(
+                    "Authorization: Basic {HOSTILE_KEY}\r\nContent-Length: {}\r\n",
+                    img.len()
+                ),
+                &img,
+            ),
+            json(401, "unauthorized"),
+        ),
+        (
+            "Expect: 100-continue without the key (answered without asking for the body)",
+            post(
+                &format!("Expect: 100-continue\r\nContent-Length: {}\r\n", img.len()),
+                b"",
+            ),
+            json(401, "unauthorized"),
+        ),
+        (
+            "a body that stalls after 10 of 1000 declared bytes",
+            post(&format!("{auth}Content-Length: 1000\r\n"), &img[..10]),
+            json(408, "request_timeout"),
+        ),
+        (
+            "a chunked body that stalls mid-chunk",
+            post(
+                &format!("{auth}Transfer-Encoding: chunked\r\n"),
+                b"3e8\r\n0123456789",
+            ),
+            json(408, "request_timeout"),
+        ),
+        (
+            "a declared length over --max-body-bytes",
+            post(&format!("{auth}Content-Length: 200000\r\n"), &img[..100]),
+            json(413, "payload_too_large"),
+        ),
+        (
+            "a chunk size that is not hexadecimal",
+            post(
+                &format!("{auth}Transfer-Encoding: chunked\r\n"),
+                b"zz\r\nabc\r\n0\r\n\r\n",
+            ),
+            json(400, "bad_request"),
+        ),
+        (
+            "Content-Length and Transfer-Encoding together (request smuggling)",
+            post(
+                &format!("{auth}Content-Length: 5\r\nTransfer-Encoding: chunked\r\n"),
+                &chunked,
+            ),
+            // Refused by the server, its connection closed (RFC 9112 section 6.1).
+            json(400, "bad_request"),
+        ),
+        (
+            "two different Content-Lengths",
+            post(
+                &format!("{auth}Content-Length: 5\r\nContent-Length: 6\r\n"),
+                b"123456",
+            ),
+            Answer::Bare(400),
+        ),
+        (
+            "Transfer-Encoding without chunked last",
+            post(
+                &format!("{auth}Transfer-Encoding: chunked, gzip\r\n"),
+                &chunked,
+            ),
+            Answer::Bare(400),
+        ),
+        (
+            "a folded header line (obs-fold)",
+            with_length("X-Folded: a\r\n b\r\n", &img),
+            Answer::Bare(400),
+        ),
+        (
+            "a NUL byte in a header value",
+            with_length("X-Nul: a\0b\r\n", &img),
+            Answer::Bare(400),
+        ),
+        (
+            "a 1 MB header",
+            with_length(&format!("X-Big: {}\r\n", "a".repeat(1 << 20)), &img),
+            Answer::Bare(431),
+        ),
+        (
+            "half a request line, then nothing (slowloris)",
+            b"POST /predict HT".to_vec(),
+            Answer::Closed,
+        ),
+        (
+            "headers that never end",
+            format!("POST /predict HTTP/1.1\r\nHost: x\r\n{auth}X-Slow: a").into_bytes(),
+            Answer::Closed,
+        ),
+    ]
+}
+
+/// Sends `request` (without closing the sending side: a half-closed connection is a client
+/// that left) and reads the answer until the server closes or 10 s pass.
+fn answer_of(addr: std::net::SocketAddr, request: &[u8]) -> (Answer, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = s.write_all(request);
+    let mut got = Vec::new();
+    let mut buf = [0u8; 16384];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                got.extend_from_slice(&buf[..n]);
+                // One whole answer is enough (the connection may be kept alive).
+                let text = String::from_utf8_lossy(&got);
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head.lines().find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().parse::<usize>().unwrap_or(0))
+                    });
+                    if !head.starts_with("HTTP/1.1 100") && length.is_some_and(|n| body.len() >= n)
+                    {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    if text.is_empty() {
+        return (Answer::Closed, text);
+    }
+    let status: u16 = text
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+    if body.is_empty() {
+        return (Answer::Bare(status), text);
+    }
+    let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+    let code = match json["code"].as_str() {
+        _ if status == 200 => "",
+        Some(c) => c,
+        None => "not JSON",
+    };
+    (Answer::Json(status, code.to_owned()), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hostile_requests_get_the_expected_answer() {
+    let server = fake_server(
+        &[
+            "--api-key",
+            HOSTILE_KEY,
+            "--header-read-timeout-secs",
+            "1",
+            "--upload-rate-grace-secs",
+            "1",
+            "--max-body-bytes",
+            "100000",
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let (addr, stop, serving) = serve_on_socket(server.server).await;
+    let cases = hostile_requests();
+    let outcomes = tokio::task::spawn_blocking(move || {
+        cases
+            .into_iter()
+            .map(|(name, request, want)| {
+                let t0 = std::time::Instant::now();
+                let (got, text) = answer_of(addr, &request);
+                (name, want, got, text, t0.elapsed())
+            })
+            .collect::<Vec<_>>()
+    })
+    .await
+    .unwrap();
+    let mut mismatches = Vec::new();
+    for (name, want, got, text, took) in &outcomes {
+        println!(
+            "{name:<72} {got:?} in {:.0} ms",
+            took.as_secs_f64() * 1000.0
+        );
+        if got != want {
+            let text: String = text.chars().take(300).collect();
+            mismatches.push(format!("{name}: expected {want:?}, got {got:?}: {text}"));
+        }
+    }
+    assert!(
+        mismatches.is_empty(),
+        "{} of {} cases differ:\n{}",
+        mismatches.len(),
+        outcomes.len(),
+        mismatches.join("\n")
+    );
+    // None of that hurt the server.
+    let (got, text) = tokio::task::spawn_blocking(move || {
+        let img = png(6);
+        let mut r = format!(
+            "POST /predict HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {HOSTILE_KEY}\r\nContent-Type: image/png\r\nContent-Length: {}\r\n\r\n",
+            img.len()
+        )
+        .into_bytes();
+        r.extend_from_slice(&img);
+        answer_of(addr, &r)
+    })
+    .await
+    .unwrap();
+    assert_eq!(got, json(200, ""), "{text}");
+    println!("HOSTILE: {} requests, all as expected", outcomes.len());
+    stop.cancel();
+    serving.await.unwrap().unwrap();
 }

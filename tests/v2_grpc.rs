@@ -500,3 +500,107 @@ async fn overload_deadline_metrics_and_shutdown() {
         "the gRPC port is closed"
     );
 }
+
+/// With an API key, every gRPC method but the probes needs `authorization: Bearer <key>`
+/// metadata (UNAUTHENTICATED without it, and the model is never run); the probes and
+/// grpc.health.v1 stay open for Kubernetes.
+#[tokio::test]
+async fn api_key_gates_every_method_but_the_probes() {
+    let key = "grpc-key.0123456789abcdef";
+    let running = start(&["--api-key", key], FakeBackend::default()).await;
+    let mut c = client(running.grpc).await;
+    let img = png(1);
+    let with = |mut r: tonic::Request<ModelInferRequest>, v: &str| {
+        r.metadata_mut().insert("authorization", v.parse().unwrap());
+        r
+    };
+
+    // The probes, without a key.
+    assert!(
+        c.server_live(ServerLiveRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .live
+    );
+    assert!(
+        c.server_ready(ServerReadyRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .ready
+    );
+    let mut health = HealthClient::new(
+        Channel::from_shared(format!("http://{}", running.grpc))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    );
+    let h = health
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(h.status(), ServingStatus::Serving);
+
+    // Everything else, without a key or with a wrong one.
+    let e = c.model_infer(images_request(&[&img])).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = c
+        .model_infer(with(
+            tonic::Request::new(images_request(&[&img])),
+            "Bearer not-the-key",
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    let e = c
+        .model_metadata(ModelMetadataRequest {
+            name: "fake".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = c
+        .model_ready(ModelReadyRequest {
+            name: "fake".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let e = c
+        .server_metadata(ServerMetadataRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated);
+    let m = reqwest::get(format!("http://{}/metrics", running.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert_eq!(
+        metric(&m, "tch_serve_images_total{model=\"fake\"}").unwrap_or(0.0),
+        0.0,
+        "a refused call ran the model"
+    );
+
+    // With the key, as tritonclient sends it.
+    let r = c
+        .model_infer(with(
+            tonic::Request::new(images_request(&[&img])),
+            &format!("Bearer {key}"),
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.model_name, "fake");
+    assert!(!r.raw_output_contents.is_empty() || !r.outputs.is_empty());
+    running.stop.cancel();
+    running.task.await.unwrap().unwrap();
+}

@@ -27,6 +27,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import hostile  # phase c's hostile clients, in their own module
 import nginx_lb  # phase e, in its own module
 import reload  # phase f, in its own module
 
@@ -784,6 +785,8 @@ def test_clients(photo: bytes, duration: float) -> None:
     check("broken clients: server alive and healthy", alive and health == 200)
     check("broken clients: open fds back near the baseline (+5)", fds_after <= fds0 + 5,
           f"{fds0} -> {max(fds_during, fds_peak)} -> {fds_after}")
+    # Slow uploads and thousands of half-open connections (scripts/reliability/hostile.py).
+    hostile.test_hostile(sys.modules[__name__], s, port, photo)
     # Shutdown while slowloris clients still hold connections with half-sent headers: the
     # server must still exit, cleanly, within its shutdown timeout (+ 5 s it gives the
     # inference thread).
@@ -895,6 +898,8 @@ def main() -> int:
     ap.add_argument("--figures", default=str(WORK / "figures.json"))
     opts = ap.parse_args()
     BIN, MODEL_DIR = Path(opts.bin), Path(opts.model_dir)
+    # Thousands of client sockets in phase c; the servers started from here inherit it.
+    hostile.raise_fd_limit()
     WORK.mkdir(parents=True, exist_ok=True)
     photo = Path(opts.photo).read_bytes()
     print(f"binary {BIN}, model {MODEL_DIR}, photo {opts.photo} ({len(photo)} bytes), "

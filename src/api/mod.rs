@@ -2,10 +2,12 @@
 //! through (request id, tracing, metrics, panic catching). Each endpoint family has its file;
 //! they only translate between HTTP and the [`crate::repository`] and [`crate::pipeline`].
 
+mod auth;
 mod health;
 mod models;
 mod openapi;
 mod predict;
+pub mod upload;
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -62,7 +64,7 @@ pub fn router(state: Arc<AppState>) -> Router {
 }
 
 /// Wraps `routes` in the layers every request passes through: the JSON fallbacks, panics
-/// turned into JSON 500s, the metrics, the request id and the tracing span.
+/// turned into JSON 500s, the API keys, the metrics, the request id and the tracing span.
 pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Router {
     routes
         .fallback(not_found)
@@ -72,6 +74,12 @@ pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Route
             tracing::error!("handler panicked");
             ApiError::Internal.into_response()
         }))
+        // Inside the metrics, so that refusals are counted; before any handler reads a body.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_api_key,
+        ))
+        .layer(middleware::from_fn(refuse_ambiguous_framing))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(
             ServiceBuilder::new()
@@ -93,6 +101,27 @@ pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Route
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
         .with_state(state)
+}
+
+/// A request with both `Content-Length` and `Transfer-Encoding` is how request smuggling
+/// through a proxy starts: refused (400) and its connection closed, as RFC 9112 section 6.1
+/// asks of a server that does not process it by `Transfer-Encoding` alone and close.
+async fn refuse_ambiguous_framing(request: Request, next: Next) -> Response {
+    let headers = request.headers();
+    if headers.contains_key(axum::http::header::TRANSFER_ENCODING)
+        && headers.contains_key(axum::http::header::CONTENT_LENGTH)
+    {
+        let mut response = ApiError::BadRequest(
+            "Content-Length and Transfer-Encoding together: send one of them".into(),
+        )
+        .into_response();
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+        return response;
+    }
+    next.run(request).await
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::models::ModelName;
+use super::upload::UploadBudget;
 use super::{BodyReceived, ModelLabel};
 use crate::error::ApiError;
 use crate::pipeline::{Pipeline, WorkerState};
@@ -146,13 +147,14 @@ async fn serve(state: &Arc<AppState>, model: Option<&str>, k: usize, request: Re
         Err(e) => return ApiError::from(e).into_response(),
     };
     let budget = state.config.request_timeout();
-    let result =
-        match tokio::time::timeout(budget, classify(state, &pipeline, request, k, arrived)).await {
-            Ok(result) => result,
-            Err(_) => Err(ApiError::Timeout {
-                ms: budget.as_millis() as u64,
-            }),
-        };
+    let deadline = tokio::time::Instant::now() + budget;
+    let work = classify(state, &pipeline, request, k, arrived, deadline);
+    let result = match tokio::time::timeout_at(deadline, work).await {
+        Ok(result) => result,
+        Err(_) => Err(ApiError::Timeout {
+            ms: budget.as_millis() as u64,
+        }),
+    };
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     response
         .extensions_mut()
@@ -166,6 +168,7 @@ async fn classify(
     request: Request,
     k: usize,
     arrived: Instant,
+    deadline: tokio::time::Instant,
 ) -> Result<Response, ApiError> {
     // Refused at once while the model cannot serve, before the body is read.
     pipeline.readiness().map_err(|reason| {
@@ -174,15 +177,16 @@ async fn classify(
             pipeline.name
         ))
     })?;
-    // A place to receive the body, then a place per image: both refused at once when full.
-    let receiving = state.begin_upload()?;
+    // The body's bytes from the upload budget, then a place per image: both refused at once
+    // when full.
     let uploads = read_uploads(
         request,
         state.config.max_body_bytes,
         state.config.max_images_per_request,
+        &state.uploads,
+        deadline,
     )
     .await?;
-    drop(receiving);
     let body_received = Instant::now();
     let places = pipeline.admit(uploads.len())?;
     // Each image's place travels with its work; if this request ends early, the futures are
@@ -316,8 +320,41 @@ pub fn top_k(probs: &[f32], k: usize, labels: &[String]) -> Vec<Prediction> {
         .collect()
 }
 
-/// The images of a request: every multipart `file` part in order, or the raw body.
+/// The images of a request: every multipart `file` part in order, or the raw body, received
+/// under the upload budget and deadlines (see [`super::upload`]).
 async fn read_uploads(
+    request: Request,
+    limit: usize,
+    max_images: usize,
+    budget: &UploadBudget,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<Upload>, ApiError> {
+    let (request, receiving) = match refuse_declared_over(request, limit) {
+        Ok(request) => budget.receive(request, Some(deadline))?,
+        Err(e) => return Err(e),
+    };
+    read_parts(request, limit, max_images)
+        .await
+        .map_err(|e| receiving.explain(e))
+}
+
+/// 413 from the declared length alone; the body is still read (and dropped) in the background,
+/// so that a client or proxy still sending it reads the 413 instead of a broken pipe (nginx
+/// would answer 502).
+fn refuse_declared_over(request: Request, limit: usize) -> Result<Request, ApiError> {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        super::upload::linger_unless_expected(request);
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    Ok(request)
+}
+
+async fn read_parts(
     request: Request,
     limit: usize,
     max_images: usize,
@@ -334,18 +371,6 @@ async fn read_uploads(
         .unwrap_or("")
         .trim()
         .to_ascii_lowercase();
-    let declared = request
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
-        // Refused from the header alone; the body is still read (and dropped) in the
-        // background, so that a client or proxy still sending it reads the 413 instead of a
-        // broken pipe (nginx would answer 502).
-        linger(request.into_body());
-        return Err(ApiError::PayloadTooLarge { limit });
-    }
 
     if mime == "multipart/form-data" {
         let mut multipart = Multipart::from_request(request, &()).await.map_err(|e| {
@@ -413,29 +438,6 @@ async fn read_uploads(
     }])
 }
 
-/// Most bytes of a refused body read and dropped after the answer, and for how long.
-const LINGER_BYTES: usize = 64 << 20;
-const LINGER_TIME: Duration = Duration::from_secs(10);
-
-/// Reads and drops what the client still sends of a refused body, up to [`LINGER_BYTES`] and
-/// [`LINGER_TIME`] (as nginx's lingering close does); then the connection is closed.
-fn linger(body: axum::body::Body) {
-    use http_body_util::BodyExt;
-    tokio::spawn(async move {
-        let mut body = body;
-        let mut read = 0usize;
-        let drain = async {
-            while let Some(Ok(frame)) = body.frame().await {
-                read += frame.data_ref().map_or(0, |d| d.len());
-                if read > LINGER_BYTES {
-                    break;
-                }
-            }
-        };
-        let _ = tokio::time::timeout(LINGER_TIME, drain).await;
-    });
-}
-
 fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) -> ApiError {
     if e.status() == axum::http::StatusCode::PAYLOAD_TOO_LARGE {
         ApiError::PayloadTooLarge { limit }
@@ -444,7 +446,7 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) ->
     }
 }
 
-fn body_error(e: axum::Error, limit: usize) -> ApiError {
+pub(super) fn body_error(e: axum::Error, limit: usize) -> ApiError {
     let inner = e.into_inner();
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
     while let Some(err) = source {

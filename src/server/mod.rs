@@ -16,13 +16,13 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::upload::UploadBudget;
+use crate::auth::ApiKeys;
 use crate::config::{ModelSource, ServeConfig};
-use crate::error::ApiError;
 use crate::model::threads::CpuBudget;
 use crate::model::{Backend, TorchBackend, torch};
 use crate::pipeline::{DecodeBudget, Shared};
@@ -36,7 +36,10 @@ pub struct AppState {
     pub repository: Arc<Repository>,
     pub metrics: Arc<Metrics>,
     shutting_down: AtomicBool,
-    uploads: Arc<Semaphore>,
+    /// The memory of request bodies being received, and their deadlines.
+    pub uploads: UploadBudget,
+    /// The API keys (none: every route is open).
+    pub auth: ApiKeys,
 }
 
 /// Whether the server takes traffic, as `/health` says.
@@ -82,16 +85,6 @@ impl AppState {
             .set(i64::from(matches!(r, Readiness::Ready)));
         r
     }
-
-    /// A place to receive one request body, or a refusal at once: bounds upload memory.
-    pub fn begin_upload(&self) -> Result<OwnedSemaphorePermit, ApiError> {
-        self.uploads.clone().try_acquire_owned().map_err(|_| {
-            ApiError::Overloaded(format!(
-                "the server is receiving {} request bodies already; retry shortly",
-                self.config.max_pending_uploads
-            ))
-        })
-    }
 }
 
 /// Each model's name and the outcome of its first load.
@@ -108,6 +101,12 @@ impl Server {
     /// once. `/live` answers from the start, `/health` once the models are ready.
     pub fn start(config: ServeConfig, backend: Arc<dyn Backend>) -> anyhow::Result<Self> {
         config.validate().map_err(anyhow::Error::msg)?;
+        let auth = ApiKeys::new(
+            &config.api_keys,
+            config.api_key_file.as_deref(),
+            config.protect_metrics,
+        )
+        .map_err(anyhow::Error::msg)?;
         let metrics = Arc::new(Metrics::new());
         let (preprocess_threads, _) = config.thread_split();
         metrics
@@ -161,7 +160,12 @@ impl Server {
             })
         };
         let state = Arc::new(AppState {
-            uploads: Arc::new(Semaphore::new(config.max_pending_uploads)),
+            uploads: UploadBudget::new(
+                config.max_upload_memory_bytes,
+                config.upload_limits(),
+                &metrics,
+            ),
+            auth,
             config,
             repository,
             metrics,
@@ -252,6 +256,7 @@ impl Server {
         let limits = ConnectionLimits {
             max_connections: config.max_connections,
             header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
+            keep_alive_timeout: Duration::from_secs(config.keep_alive_timeout_secs),
         };
         let accepting = tokio::spawn(listener::accept(
             listener,
@@ -323,7 +328,21 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     );
     let addr = std::net::SocketAddr::new(config.host, config.port);
     let (host, grpc_port) = (config.host, config.grpc_port);
+    listener::raise_open_file_limit(config.max_connections);
     let server = Server::start(config, Arc::new(TorchBackend))?;
+    match server.state.auth.len() {
+        0 => tracing::info!("no API key: every route is open"),
+        n => tracing::info!(
+            keys = n,
+            protect_metrics = server.state.config.protect_metrics,
+            "API keys required on every route but /live, /health{}",
+            if server.state.config.protect_metrics {
+                ""
+            } else {
+                " and /metrics"
+            }
+        ),
+    }
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr} (change --port / TCH_SERVE_PORT)"))?;

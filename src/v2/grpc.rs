@@ -114,6 +114,7 @@ pub fn status(e: &ApiError) -> Status {
         "overloaded" => Code::ResourceExhausted,
         "timeout" => Code::DeadlineExceeded,
         "model_control_disabled" => Code::PermissionDenied,
+        "unauthorized" => Code::Unauthenticated,
         "internal" | "model_load_failed" => Code::Internal,
         "method_not_allowed" => Code::Unimplemented,
         _ => Code::InvalidArgument,
@@ -194,6 +195,19 @@ const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
 
 type Reply<T> = Result<tonic::Response<T>, Status>;
 
+/// The API key check of every method but the probes (ServerLive, ServerReady), as over HTTP:
+/// `authorization: Bearer <key>` metadata (what tritonclient's `headers=` sends).
+fn authorize<T>(state: &AppState, request: &tonic::Request<T>) -> Result<(), ApiError> {
+    let authorization = request
+        .metadata()
+        .get("authorization")
+        .map(|v| v.as_bytes());
+    state
+        .auth
+        .verify(authorization)
+        .map_err(ApiError::Unauthorized)
+}
+
 #[tonic::async_trait]
 impl GrpcInferenceService for Service {
     async fn server_live(&self, _: tonic::Request<ServerLiveRequest>) -> Reply<ServerLiveResponse> {
@@ -220,6 +234,9 @@ impl GrpcInferenceService for Service {
         request: tonic::Request<ModelReadyRequest>,
     ) -> Reply<ModelReadyResponse> {
         let record = Record::new(&self.state, MODEL_READY);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
         let r = request.into_inner();
         let result = match super::resolve(&self.state, &r.name, Some(&r.version)) {
             Ok(p) => Ok((p.name.clone(), p.readiness().is_ok())),
@@ -240,9 +257,12 @@ impl GrpcInferenceService for Service {
 
     async fn server_metadata(
         &self,
-        _: tonic::Request<ServerMetadataRequest>,
+        request: tonic::Request<ServerMetadataRequest>,
     ) -> Reply<ServerMetadataResponse> {
         let record = Record::new(&self.state, SERVER_METADATA);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
         let m = super::rest::ServerMetadata::get();
         record
             .finish(
@@ -261,6 +281,9 @@ impl GrpcInferenceService for Service {
         request: tonic::Request<ModelMetadataRequest>,
     ) -> Reply<ModelMetadataResponse> {
         let record = Record::new(&self.state, MODEL_METADATA);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
         let r = request.into_inner();
         let result = super::resolve(&self.state, &r.name, Some(&r.version)).map(|p| {
             let m = super::ModelMeta::of(&p);
@@ -290,6 +313,9 @@ impl GrpcInferenceService for Service {
         request: tonic::Request<ModelInferRequest>,
     ) -> Reply<ModelInferResponse> {
         let record = Record::new(&self.state, MODEL_INFER);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
         let deadline = request
             .metadata()
             .get("grpc-timeout")

@@ -312,6 +312,7 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
+        crate::api::upload::linger_unless_expected(request);
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let header_length = match headers.get(HEADER_LENGTH) {
@@ -327,11 +328,8 @@ async fn serve(
                 })?,
         ),
     };
-    let receiving = state.begin_upload()?;
-    let body = axum::body::to_bytes(request.into_body(), limit)
-        .await
-        .map_err(|e| body_error(e, limit))?;
-    drop(receiving);
+    // The body under the upload budget and deadlines, as every front door's.
+    let body = state.uploads.read_all(request, limit, None).await?;
     *received = Some(Instant::now());
     let parsed = parse(&body, header_length)?;
     let binary_output = parsed.binary_output;
@@ -540,18 +538,6 @@ fn with_fields(e: ApiError, fields: Value) -> Response {
 fn labelled(mut r: Response, model: &str) -> Response {
     r.extensions_mut().insert(ModelLabel(model.to_owned()));
     r
-}
-
-fn body_error(e: axum::Error, limit: usize) -> ApiError {
-    let inner = e.into_inner();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return ApiError::PayloadTooLarge { limit };
-        }
-        source = err.source();
-    }
-    ApiError::BadRequest(format!("could not read the request body: {inner}"))
 }
 
 #[cfg(test)]
