@@ -8,7 +8,10 @@
 //! Each input is run with both EXIF settings (`apply`, the server's default, and `ignore`), so
 //! that the seed images stay valid images. The invariants, checked after every input:
 //!
-//! - no panic, even one that `Preprocessor::run` would catch (libfuzzer-sys aborts on any);
+//! - no panic in the server's own code (src/preprocess.rs, src/metadata.rs), even one that
+//!   `Preprocessor::run` would catch; a panic inside a decoder (a dependency: the png crate
+//!   has one on a palette whose length is not a multiple of 3, see RELIABILITY.md) must be
+//!   caught by `probe` and `run` and answered with `Undecodable`, as the server does;
 //! - `probe` and `run` agree: a refused header is refused by `run` with the same error;
 //! - Ok: exactly crop * crop * 3 bytes, sides that are not zero, within the pixel limit and the
 //!   aspect ratio, the probed format, and the probed sides (swapped by an EXIF rotation);
@@ -112,6 +115,40 @@ fn preprocessor(exif: ExifOrientation) -> Preprocessor {
     Preprocessor::for_model(&meta, MAX_PIXELS).with_exif(exif)
 }
 
+/// Panics inside the decoders (dependencies) during the last `caught` call.
+static DECODER_PANICS: AtomicUsize = AtomicUsize::new(0);
+
+/// Runs `f` (a call that catches panics, as the server's `probe` and `run` do) with a panic
+/// hook that lets a panic inside a dependency unwind to that catch, and aborts, as libFuzzer's
+/// own hook does, on a panic in the server's code or in this target. Returns how many panics
+/// were caught.
+fn caught<T>(f: impl FnOnce() -> T) -> (T, usize) {
+    let libfuzzer_hook = std::panic::take_hook();
+    DECODER_PANICS.store(0, Relaxed);
+    std::panic::set_hook(Box::new(|info| {
+        let file = info.location().map(|l| l.file()).unwrap_or("");
+        let ours = !file.contains(".cargo/registry") && !file.contains("/rustc/");
+        if ours || file.is_empty() {
+            eprintln!("{info}");
+            std::process::abort();
+        }
+        DECODER_PANICS.fetch_add(1, Relaxed);
+    }));
+    let out = f();
+    std::panic::set_hook(libfuzzer_hook);
+    (out, DECODER_PANICS.load(Relaxed))
+}
+
+/// A panic caught by the server is answered as an image that cannot be decoded.
+fn check_caught<T>(out: &Result<T, PreprocessError>, panics: usize) {
+    if panics > 0 {
+        assert!(
+            matches!(out, Err(PreprocessError::Undecodable(m)) if m.starts_with("the decoder failed")),
+            "a decoder panicked and the answer is not Undecodable"
+        );
+    }
+}
+
 /// `run` under the allocation checks: the result and the most bytes live at once beyond what
 /// was live before.
 fn run_counted(p: &Preprocessor, data: &[u8]) -> (Result<Preprocessed, PreprocessError>, usize) {
@@ -119,14 +156,20 @@ fn run_counted(p: &Preprocessor, data: &[u8]) -> (Result<Preprocessed, Preproces
     PEAK.store(base, Relaxed);
     REFUSED.store(0, Relaxed);
     ARMED.store(true, Relaxed);
-    let out = p.run(data);
+    let (out, panics) = caught(|| p.run(data));
     ARMED.store(false, Relaxed);
+    check_caught(&out, panics);
     let refused = REFUSED.load(Relaxed);
     assert_eq!(
         refused, 0,
         "an allocation of {refused} bytes, over the decode budget of {BUDGET}, was refused"
     );
     (out, PEAK.load(Relaxed).saturating_sub(base))
+}
+
+/// A header refused because its decoder panicked (`probe` says so in its own words).
+fn panics_in(e: &PreprocessError) -> bool {
+    matches!(e, PreprocessError::Undecodable(m) if m.starts_with("the decoder failed"))
 }
 
 fn check_error(e: &PreprocessError, data: &[u8]) {
@@ -185,6 +228,7 @@ fn check(p: &Preprocessor, data: &[u8], probe: &Result<Probe, PreprocessError>) 
             );
         }
         (Ok(_), Err(e)) => panic!("run() decoded an image whose header probe() refused: {e}"),
+        (Err(e), Err(pe)) if panics_in(pe) => assert!(matches!(e, PreprocessError::Undecodable(_))),
         (Err(e), Err(pe)) => assert_eq!(e, pe, "run() and probe() refuse differently"),
         (Err(_), Ok(_)) => {}
     }
@@ -196,7 +240,8 @@ fn check(p: &Preprocessor, data: &[u8], probe: &Result<Probe, PreprocessError>) 
 
 fuzz_target!(|data: &[u8]| {
     let apply = preprocessor(ExifOrientation::Apply);
-    let probe = apply.probe(data);
+    let (probe, panics) = caught(|| apply.probe(data));
+    check_caught(&probe, panics);
     match &probe {
         Ok(probe) => {
             let pixels = u64::from(probe.width) * u64::from(probe.height);
