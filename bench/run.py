@@ -114,7 +114,9 @@ class Variant:
 
 
 def phone_variants() -> list[Variant]:
-    return [Variant("tch-serve fp32"), Variant("tch-serve bf16", ["--precision", "bf16"], needs_bf16=True)]
+    return [Variant("tch-serve fp32"),
+            Variant("tch-serve fp32, scaled decode off", ["--jpeg-scaled-decode", "off"]),
+            Variant("tch-serve bf16", ["--precision", "bf16"], needs_bf16=True)]
 
 
 def log(*a):

@@ -109,6 +109,10 @@ pub struct ServeConfig {
     /// Numeric precision of the weights and activations, applied at load time.
     #[arg(long, env = "TCH_SERVE_PRECISION", value_enum, default_value_t = Precision::Fp32)]
     pub precision: Precision,
+    /// Serve bf16 on a CPU without native bf16 (no avx512_bf16 or amx_bf16), where libtorch
+    /// emulates it at about a tenth of fp32's speed; without it such a model is refused.
+    #[arg(long, env = "TCH_SERVE_ALLOW_EMULATED_BF16")]
+    pub allow_emulated_bf16: bool,
     /// Memory layout of the convolution weights and the input batch, applied at load time.
     #[arg(long, env = "TCH_SERVE_MEMORY_FORMAT", value_enum, default_value_t = MemoryFormat::Auto)]
     pub memory_format: MemoryFormat,
@@ -153,6 +157,12 @@ pub struct ServeConfig {
     /// phones and viewers show it) or `ignore` (the pixels as stored, as PIL and torchvision).
     #[arg(long, env = "TCH_SERVE_EXIF_ORIENTATION", value_enum, default_value_t = crate::preprocess::ExifOrientation::Apply)]
     pub exif_orientation: crate::preprocess::ExifOrientation,
+    /// Whether large JPEGs are decoded at 1/2, 1/4 or 1/8 scale inside the inverse DCT, keeping
+    /// the short side at least twice the model's resize size (`auto`; photos under that size
+    /// decode in full), or always in full (`off`, the default: pixel parity with PIL and
+    /// torchvision on any size, and as fast with today's decoders: BENCHMARKS.md).
+    #[arg(long, env = "TCH_SERVE_JPEG_SCALED_DECODE", value_enum, default_value_t = crate::preprocess::JpegScaledDecode::Off)]
+    pub jpeg_scaled_decode: crate::preprocess::JpegScaledDecode,
     /// Most images in one multipart request.
     #[arg(long, env = "TCH_SERVE_MAX_IMAGES_PER_REQUEST", default_value_t = 16)]
     pub max_images_per_request: usize,
@@ -245,6 +255,7 @@ impl ServeConfig {
         ModelSettings {
             device: self.device.clone(),
             precision: self.precision,
+            allow_emulated_bf16: self.allow_emulated_bf16,
             memory_format: self.memory_format,
             max_batch_size: self.max_batch_size,
             max_batch_delay_ms: self.max_batch_delay_ms,
@@ -354,6 +365,8 @@ impl ServeConfig {
 pub struct ModelSettings {
     pub device: String,
     pub precision: Precision,
+    /// bf16 may run emulated on a CPU without native bf16 (`--allow-emulated-bf16`).
+    pub allow_emulated_bf16: bool,
     pub memory_format: MemoryFormat,
     pub max_batch_size: usize,
     pub max_batch_delay_ms: u64,
@@ -517,6 +530,15 @@ pub fn cpu_features() -> Vec<&'static str> {
         .into_iter()
         .filter(|f| flags.iter().any(|g| g == f))
         .collect()
+}
+
+/// Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), from [`cpu_features`].
+/// Elsewhere libtorch emulates bf16 in fp32 arithmetic: ResNet-18 runs at about a tenth of its
+/// fp32 speed on an AVX2-only Zen 3, against 1.7x fp32 on a Zen 4 with AVX512-BF16.
+pub fn native_bf16(features: &[&str]) -> bool {
+    features
+        .iter()
+        .any(|f| matches!(*f, "avx512_bf16" | "amx_bf16"))
 }
 
 /// Default thread split. Decoding and resizing are short compared with a forward pass, so the

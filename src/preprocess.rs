@@ -57,6 +57,25 @@ pub enum ExifOrientation {
     Ignore,
 }
 
+/// Whether a large JPEG is decoded at a reduced scale inside its inverse DCT (1/2, 1/4 or 1/8).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum JpegScaledDecode {
+    /// The largest scale that keeps the short side at least [`SCALED_DECODE_MARGIN`] times the
+    /// resize size (by the jpeg-decoder crate); small photos are decoded in full.
+    Auto,
+    /// Always decode in full (pixel parity with PIL and torchvision). The default: the scaled
+    /// decode of the pure-Rust decoder is no faster than the full SIMD decode (BENCHMARKS.md).
+    #[default]
+    Off,
+}
+
+/// With scaled JPEG decoding, the decoded short side stays at least this many times the
+/// model's resize size, so the antialiased resize still does the last, smooth step (chosen by
+/// measurement: BENCHMARKS.md, "Scaled JPEG decoding"; at 2 the top-1 answers of the pretrained
+/// model agree with the full decode's but for near ties).
+pub const SCALED_DECODE_MARGIN: f64 = 2.0;
+
 /// The formats the server decodes; anything else is refused with 415.
 pub const SUPPORTED_FORMATS: [ImageFormat; 5] = [
     ImageFormat::Jpeg,
@@ -73,6 +92,8 @@ pub struct Preprocessor {
     pub crop_size: u32,
     pub max_pixels: u64,
     pub exif: ExifOrientation,
+    /// The short side a JPEG must keep when decoded at a reduced scale (None: full decode).
+    pub jpeg_min_short_side: Option<u32>,
 }
 
 /// What an image's header says, before any pixel is decoded.
@@ -102,6 +123,7 @@ impl Preprocessor {
             crop_size,
             max_pixels,
             exif: ExifOrientation::default(),
+            jpeg_min_short_side: None,
         }
     }
 
@@ -111,6 +133,21 @@ impl Preprocessor {
 
     pub fn with_exif(mut self, exif: ExifOrientation) -> Self {
         self.exif = exif;
+        self
+    }
+
+    /// Scaled JPEG decoding as `mode` says, with [`SCALED_DECODE_MARGIN`].
+    pub fn with_jpeg_scaling(self, mode: JpegScaledDecode) -> Self {
+        match mode {
+            JpegScaledDecode::Auto => self.with_jpeg_margin(Some(SCALED_DECODE_MARGIN)),
+            JpegScaledDecode::Off => self.with_jpeg_margin(None),
+        }
+    }
+
+    /// Scaled JPEG decoding keeping the short side at least `margin` times the resize size
+    /// (None: full decode).
+    pub fn with_jpeg_margin(mut self, margin: Option<f64>) -> Self {
+        self.jpeg_min_short_side = margin.map(|m| (f64::from(self.resize_size) * m).ceil() as u32);
         self
     }
 
@@ -136,6 +173,11 @@ impl Preprocessor {
     }
 
     fn run_unguarded(&self, bytes: &[u8]) -> Result<Preprocessed, PreprocessError> {
+        if let Some(min_short) = self.jpeg_min_short_side
+            && let Some(out) = self.run_scaled(bytes, min_short)?
+        {
+            return Ok(out);
+        }
         let (rgb, format) = decode_oriented(bytes, self.max_pixels, self.exif)?;
         let (width, height) = rgb.dimensions();
         let pixels = self.crop_rgb(rgb.as_raw(), width, height)?;
@@ -145,6 +187,79 @@ impl Preprocessor {
             height,
             format,
         })
+    }
+
+    /// A JPEG whose short side is at least twice `min_short`, decoded at the smallest DCT scale
+    /// (1/2, 1/4, 1/8) that keeps its short side at least `min_short`, then oriented, resized
+    /// and cropped as usual; the reported size is the image's own. `None` for anything else
+    /// (other formats, smaller photos, pixel formats other than RGB and grayscale): those take
+    /// the full decode.
+    fn run_scaled(
+        &self,
+        bytes: &[u8],
+        min_short: u32,
+    ) -> Result<Option<Preprocessed>, PreprocessError> {
+        let probe = probe(bytes, self.max_pixels)?;
+        let short = probe.width.min(probe.height);
+        if probe.format != ImageFormat::Jpeg || short < min_short.saturating_mul(2) {
+            return Ok(None);
+        }
+        if !jpeg_is_complete(bytes) {
+            return Err(PreprocessError::Undecodable(
+                "truncated JPEG: the data ends before the end-of-image marker".into(),
+            ));
+        }
+        let undecodable = |e: jpeg_decoder::Error| PreprocessError::Undecodable(e.to_string());
+        let mut decoder = jpeg_decoder::Decoder::new(bytes);
+        decoder.read_info().map_err(undecodable)?;
+        let Some(info) = decoder.info() else {
+            return Ok(None);
+        };
+        if !matches!(
+            info.pixel_format,
+            jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8
+        ) {
+            return Ok(None);
+        }
+        // The requested size keeps the aspect ratio, its short side at `min_short`: the decoder
+        // picks the smallest scale whose output is at least that large.
+        let ratio = f64::from(min_short) / f64::from(short);
+        let want = |side: u32| ((f64::from(side) * ratio).ceil() as u32).min(u32::from(u16::MAX));
+        let (w, h) = decoder
+            .scale(want(probe.width) as u16, want(probe.height) as u16)
+            .map_err(undecodable)?;
+        let (w, h) = (u32::from(w), u32::from(h));
+        let pixels = decoder.decode().map_err(undecodable)?;
+        let rgb = match info.pixel_format {
+            jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
+            _ => pixels,
+        };
+        let Some(rgb) = image::RgbImage::from_raw(w, h, rgb) else {
+            return Err(PreprocessError::Undecodable(
+                "the JPEG decoder returned fewer pixels than its size".into(),
+            ));
+        };
+        let mut img = DynamicImage::ImageRgb8(rgb);
+        if self.exif == ExifOrientation::Apply
+            && let Ok(mut d) = reader(bytes, probe.format, Limits::default()).into_decoder()
+            && let Ok(o) = d.orientation()
+        {
+            img.apply_orientation(o);
+        }
+        let (width, height) = match img {
+            // The image's own size, oriented, as the full decode reports it.
+            ref i if i.width() == w => (probe.width, probe.height),
+            _ => (probe.height, probe.width),
+        };
+        let rgb = img.into_rgb8();
+        let (sw, sh) = rgb.dimensions();
+        let pixels = self.crop_rgb(rgb.as_raw(), sw, sh)?;
+        Ok(Some(Preprocessed {
+            pixels,
+            width,
+            height,
+            format: format_name(probe.format),
+        }))
     }
 
     /// Interleaved RGB8 pixels to the resized, center-cropped HWC pixels.
@@ -423,6 +538,57 @@ mod tests {
 
     const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
     const STD: [f32; 3] = [0.229, 0.224, 0.225];
+
+    fn mean_abs_diff(a: &[u8], b: &[u8]) -> f64 {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| f64::from(x.abs_diff(*y)))
+            .sum::<f64>()
+            / a.len() as f64
+    }
+
+    #[test]
+    fn scaled_jpeg_decoding_is_close_to_the_full_decode_and_only_for_large_jpegs() {
+        let auto = pre().with_jpeg_scaling(JpegScaledDecode::Auto);
+        let off = pre().with_jpeg_scaling(JpegScaledDecode::Off);
+        assert_eq!(auto.jpeg_min_short_side, Some(512));
+        assert_eq!(off.jpeg_min_short_side, None);
+        // Short side 1200: decoded at 1/2 (600 >= 512). Same reported size, close pixels.
+        let big = encode(&gradient(1600, 1200), ImageFormat::Jpeg);
+        assert!(auto.run_scaled(&big, 512).unwrap().is_some());
+        let (a, b) = (auto.run(&big).unwrap(), off.run(&big).unwrap());
+        assert_eq!((a.width, a.height, a.format), (1600, 1200, "jpeg"));
+        assert_eq!((b.width, b.height), (1600, 1200));
+        let d = mean_abs_diff(&a.pixels, &b.pixels);
+        assert!(d < 2.0, "mean difference {d}");
+        // Grayscale JPEGs too.
+        let gray = encode(
+            &DynamicImage::ImageLuma8(gradient(1600, 1200).to_luma8()),
+            ImageFormat::Jpeg,
+        );
+        let d = mean_abs_diff(
+            &auto.run(&gray).unwrap().pixels,
+            &off.run(&gray).unwrap().pixels,
+        );
+        assert!(d < 2.0, "mean difference {d}");
+        // Short side under twice the margin, or not a JPEG: the full decode, the same pixels.
+        for small in [
+            encode(&gradient(1300, 1000), ImageFormat::Jpeg),
+            encode(&gradient(1600, 1200), ImageFormat::Png),
+        ] {
+            assert!(auto.run_scaled(&small, 512).unwrap().is_none());
+            assert_eq!(
+                auto.run(&small).unwrap().pixels,
+                off.run(&small).unwrap().pixels
+            );
+        }
+        // A truncated large JPEG is still refused.
+        assert!(matches!(
+            auto.run(&big[..big.len() / 2]),
+            Err(PreprocessError::Undecodable(_))
+        ));
+    }
 
     fn pre() -> Preprocessor {
         Preprocessor::new(256, 224, 50_000_000)

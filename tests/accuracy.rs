@@ -176,3 +176,129 @@ async fn pretrained_model_names_what_is_in_real_photos() {
         (Some("resnet18"), Some(false))
     );
 }
+
+/// Scaled JPEG decoding (`--jpeg-scaled-decode auto`, the default) against the full decode on
+/// phone-sized photos of the pretrained model: the real photos upscaled to 3 and 12
+/// megapixels (and a 4:3 crop of each at 8 MP) with sensor-like noise, saved as JPEG at
+/// quality 90. Prints the top-1 agreement, the largest probability difference and the decode
+/// times; fails when the two disagree on a photo the model is sure of (top-1 probability of
+/// 0.3 or more in the full decode), or when a probability moves by more than 0.05.
+#[test]
+fn scaled_jpeg_decoding_agrees_with_the_full_decode_on_phone_sized_photos() {
+    use fast_image_resize::images::Image;
+    use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
+    use tch_serve::config::{MemoryFormat, Precision};
+    use tch_serve::metadata::ModelMetadata;
+    use tch_serve::model::{Classifier, TorchClassifier};
+    use tch_serve::preprocess::{JpegScaledDecode, Preprocessor};
+
+    let dir = model_dir().parent().unwrap().join("efficientnet_lite0");
+    let meta = ModelMetadata::load(&dir).unwrap();
+    let _guard = tch::no_grad_guard();
+    let mut model = TorchClassifier::load(
+        &dir,
+        &meta,
+        tch::Device::Cpu,
+        Precision::Fp32,
+        MemoryFormat::Auto,
+    )
+    .unwrap();
+    let full = Preprocessor::for_model(&meta, 100_000_000).with_jpeg_scaling(JpegScaledDecode::Off);
+    let scaled =
+        Preprocessor::for_model(&meta, 100_000_000).with_jpeg_scaling(JpegScaledDecode::Auto);
+
+    let photos_dir = test_data_dir().join("photos");
+    let mut names: Vec<String> = std::fs::read_dir(&photos_dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().unwrap();
+            let stem = name.strip_suffix(".png")?;
+            (!stem.contains('_')).then(|| stem.to_owned())
+        })
+        .collect();
+    names.sort();
+    assert!(names.len() >= 8, "{names:?}");
+    let (mut n, mut agree, mut worst) = (0usize, 0usize, 0f32);
+    let (mut t_full, mut t_scaled) = (0f64, 0f64);
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    for name in &names {
+        let src = image::open(photos_dir.join(format!("{name}.png")))
+            .unwrap()
+            .to_rgb8();
+        for (w, h) in [(2016u32, 1512u32), (3264, 2448), (4032, 3024)] {
+            let (w, h) = if src.height() > src.width() {
+                (h, w)
+            } else {
+                (w, h)
+            };
+            let from = fast_image_resize::images::ImageRef::new(
+                src.width(),
+                src.height(),
+                src.as_raw(),
+                PixelType::U8x3,
+            )
+            .unwrap();
+            let mut big = Image::new(w, h, PixelType::U8x3);
+            Resizer::new()
+                .resize(
+                    &from,
+                    &mut big,
+                    &ResizeOptions::new().resize_alg(ResizeAlg::Convolution(FilterType::Lanczos3)),
+                )
+                .unwrap();
+            let mut pixels = big.into_vec();
+            // Sensor-like noise (xorshift), so that the JPEG has a phone photo's fine detail.
+            for p in pixels.iter_mut() {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let noise = (seed % 17) as i16 - 8;
+                *p = (i16::from(*p) + noise).clamp(0, 255) as u8;
+            }
+            let img = image::RgbImage::from_raw(w, h, pixels).unwrap();
+            let mut jpeg = Vec::new();
+            image::codecs::jpeg::JpegEncoder::new_with_quality(&mut jpeg, 90)
+                .encode_image(&img)
+                .unwrap();
+            let t = std::time::Instant::now();
+            let a = full.run(&jpeg).unwrap();
+            t_full += t.elapsed().as_secs_f64();
+            let t = std::time::Instant::now();
+            let b = scaled.run(&jpeg).unwrap();
+            t_scaled += t.elapsed().as_secs_f64();
+            assert_eq!((a.width, a.height), (b.width, b.height));
+            let pa = model.forward(&a.pixels, 1).unwrap();
+            let pb = model.forward(&b.pixels, 1).unwrap();
+            let top = |p: &[f32]| (0..p.len()).max_by(|&i, &j| p[i].total_cmp(&p[j])).unwrap();
+            let diff = pa
+                .iter()
+                .zip(&pb)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0f32, f32::max);
+            worst = worst.max(diff);
+            n += 1;
+            if top(&pa) == top(&pb) {
+                agree += 1;
+            } else {
+                assert!(
+                    pa[top(&pa)] < 0.3,
+                    "{name} {w}x{h}: the scaled decode changed a clear answer"
+                );
+                println!(
+                    "{name} {w}x{h}: full says {} ({:.3}), scaled {} ({:.3})",
+                    top(&pa),
+                    pa[top(&pa)],
+                    top(&pb),
+                    pb[top(&pb)]
+                );
+            }
+        }
+    }
+    println!(
+        "ACCURACY: scaled JPEG decoding on {n} phone-sized photos: top-1 agrees on {agree}/{n}, largest probability difference {worst:.4}; preprocessing {:.1} ms full, {:.1} ms scaled per photo ({:.1}x)",
+        t_full * 1e3 / n as f64,
+        t_scaled * 1e3 / n as f64,
+        t_full / t_scaled
+    );
+    assert!(agree * 100 >= n * 99, "top-1 agrees on only {agree}/{n}");
+}

@@ -186,6 +186,63 @@ fn cuda_requested_without_a_gpu_fails_at_start_up_and_says_why() {
     );
 }
 
+/// bf16 on a CPU without native bf16 is refused at start-up with the reason; on one with it
+/// (or with --allow-emulated-bf16) the same flags get past loading to serving.
+#[test]
+fn bf16_is_refused_where_the_cpu_only_emulates_it() {
+    let features = tch_serve::config::cpu_features();
+    let native = tch_serve::config::native_bf16(&features);
+    let run = |extra: &[&str]| {
+        let port = free_port();
+        let mut child = Command::new(BIN)
+            .args(["--port", &port.to_string(), "--grpc-port", "0"])
+            .args([
+                "--device",
+                "cpu",
+                "--precision",
+                "bf16",
+                "--warmup-iterations",
+                "0",
+            ])
+            .args(extra)
+            .arg("--model-dir")
+            .arg(model_dir())
+            .stderr(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        // Either it exits (refused), or it serves /live: then it is stopped.
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                return (Some(status.success()), err);
+            }
+            if matches!(get(port, "/health"), Some((200, _)))
+                || std::time::Instant::now() > deadline
+            {
+                child.kill().unwrap();
+                child.wait().unwrap();
+                return (None, String::new());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let (exited, stderr) = run(&[]);
+    if native {
+        assert_eq!(exited, None, "refused on a CPU with native bf16: {stderr}");
+    } else {
+        assert_eq!(exited, Some(false), "bf16 served on {features:?}");
+        assert!(
+            stderr.contains("no native bf16") && stderr.contains("--allow-emulated-bf16"),
+            "{stderr}"
+        );
+        let (exited, stderr) = run(&["--allow-emulated-bf16"]);
+        assert_eq!(exited, None, "--allow-emulated-bf16 refused: {stderr}");
+    }
+}
+
 #[test]
 fn bad_settings_fail_at_start_up_naming_the_flags() {
     let out = Command::new(BIN)

@@ -5,6 +5,10 @@
 //! resize 256 and crop 224) and a pixel limit of 4,000,000 (the server's default is 40,000,000;
 //! a smaller one keeps each input fast).
 //!
+//! JPEGs take the scaled decoding (`--jpeg-scaled-decode auto`: a JPEG whose short side is at
+//! least 1024 pixels is decoded at a reduced scale by the jpeg-decoder crate), so that its
+//! decoder is fuzzed too; smaller ones take the full decode, as with `off`.
+//!
 //! Each input is run with both EXIF settings (`apply`, the server's default, and `ignore`), so
 //! that the seed images stay valid images. The invariants, checked after every input:
 //!
@@ -32,7 +36,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use libfuzzer_sys::fuzz_target;
 use tch_serve_fuzz::metadata::ModelMetadata;
 use tch_serve_fuzz::preprocess::{
-    ExifOrientation, MAX_ASPECT_RATIO, PreprocessError, Preprocessed, Preprocessor, Probe,
+    ExifOrientation, JpegScaledDecode, MAX_ASPECT_RATIO, PreprocessError, Preprocessed, Preprocessor, Probe,
 };
 
 const MAX_PIXELS: u64 = 4_000_000;
@@ -112,7 +116,9 @@ fn preprocessor(exif: ExifOrientation) -> Preprocessor {
     let meta: ModelMetadata = serde_json::from_str(r#"{"name":"fuzz","labels":["a"]}"#)
         .expect("minimal metadata parses");
     meta.validate().expect("minimal metadata is valid");
-    Preprocessor::for_model(&meta, MAX_PIXELS).with_exif(exif)
+    Preprocessor::for_model(&meta, MAX_PIXELS)
+        .with_exif(exif)
+        .with_jpeg_scaling(JpegScaledDecode::Auto)
 }
 
 /// Panics inside the decoders (dependencies) during the last `caught` call.

@@ -79,7 +79,6 @@ pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Route
             state.clone(),
             auth::require_api_key,
         ))
-        .layer(middleware::from_fn(refuse_ambiguous_framing))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(
             ServiceBuilder::new()
@@ -101,27 +100,6 @@ pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Route
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
         .with_state(state)
-}
-
-/// A request with both `Content-Length` and `Transfer-Encoding` is how request smuggling
-/// through a proxy starts: refused (400) and its connection closed, as RFC 9112 section 6.1
-/// asks of a server that does not process it by `Transfer-Encoding` alone and close.
-async fn refuse_ambiguous_framing(request: Request, next: Next) -> Response {
-    let headers = request.headers();
-    if headers.contains_key(axum::http::header::TRANSFER_ENCODING)
-        && headers.contains_key(axum::http::header::CONTENT_LENGTH)
-    {
-        let mut response = ApiError::BadRequest(
-            "Content-Length and Transfer-Encoding together: send one of them".into(),
-        )
-        .into_response();
-        response.headers_mut().insert(
-            axum::http::header::CONNECTION,
-            axum::http::HeaderValue::from_static("close"),
-        );
-        return response;
-    }
-    next.run(request).await
 }
 
 async fn not_found(uri: Uri) -> ApiError {

@@ -21,6 +21,9 @@ impl Backend for TorchBackend {
     fn load(&self, spec: &ModelSpec) -> anyhow::Result<Loaded> {
         let s = &spec.settings;
         let device = resolve_device(parse_device(&s.device).map_err(anyhow::Error::msg)?)?;
+        if device == Device::Cpu && s.precision == Precision::Bf16 && !s.allow_emulated_bf16 {
+            check_native_bf16(&spec.name, &crate::config::cpu_features())?;
+        }
         let model =
             TorchClassifier::load(&spec.dir, &spec.meta, device, s.precision, s.memory_format)?;
         Ok(Loaded {
@@ -29,6 +32,24 @@ impl Backend for TorchBackend {
             on_cpu: device == Device::Cpu,
         })
     }
+}
+
+/// bf16 on a CPU that only emulates it is refused, with the reason and what to use instead.
+pub fn check_native_bf16(model: &str, features: &[&str]) -> anyhow::Result<()> {
+    if crate::config::native_bf16(features) {
+        return Ok(());
+    }
+    bail!(
+        "model {model}: --precision bf16 on this CPU would be about 10x slower than fp32: it has no \
+         native bf16 (neither avx512_bf16 nor amx_bf16 in /proc/cpuinfo; it has: {}), so libtorch \
+         would emulate it. Use --precision fp32 (the default), or an int8 model \
+         (models/export.py --quantize int8) for a faster CPU path; --allow-emulated-bf16 serves bf16 anyway",
+        if features.is_empty() {
+            "none of those checked".to_owned()
+        } else {
+            features.join(", ")
+        }
+    )
 }
 
 /// Resolves the requested device; CUDA asked for but unusable is an error that says why,
@@ -319,6 +340,26 @@ mod tests {
         // 1x1 kernels: the size-1 dimensions' strides do not matter.
         assert!(is_channels_last(&[128, 64, 1, 1], &[64, 1, 1, 1]));
         assert!(!is_channels_last(&[128, 64, 1, 1], &[64, 2, 1, 1]));
+    }
+
+    #[test]
+    fn bf16_needs_a_cpu_that_computes_it_natively() {
+        let zen3 = ["avx2"];
+        let err = check_native_bf16("resnet18", &zen3)
+            .unwrap_err()
+            .to_string();
+        for needle in [
+            "resnet18",
+            "avx512_bf16",
+            "--precision fp32",
+            "--allow-emulated-bf16",
+            "avx2",
+        ] {
+            assert!(err.contains(needle), "{needle}: {err}");
+        }
+        assert!(check_native_bf16("m", &[]).is_err());
+        assert!(check_native_bf16("m", &["avx2", "avx512f", "avx512_bf16"]).is_ok());
+        assert!(check_native_bf16("m", &["amx_bf16"]).is_ok());
     }
 
     #[test]

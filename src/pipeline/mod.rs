@@ -37,7 +37,7 @@ use crate::config::ModelSettings;
 use crate::metadata::ModelMetadata;
 use crate::model::threads::CpuBudget;
 use crate::model::{Backend, ModelSpec};
-use crate::preprocess::{ExifOrientation, PreprocessError, Preprocessor};
+use crate::preprocess::{ExifOrientation, JpegScaledDecode, PreprocessError, Preprocessor};
 use crate::telemetry::{Metrics, ModelMetrics};
 
 /// What every pipeline shares: the decoding pool and its memory budget, the CPU budget, the
@@ -50,6 +50,7 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     pub max_image_pixels: u64,
     pub exif: ExifOrientation,
+    pub jpeg_scaling: JpegScaledDecode,
     pub inter_op_threads: usize,
     pub niceness: u8,
 }
@@ -214,7 +215,11 @@ impl Pipeline {
         let health = Arc::new(Health::default());
         let state = worker::spawn(&spec, rx, shared, metrics.clone(), health.clone())?;
         Ok(Self {
-            preprocessor: Arc::new(Preprocessor::for_model(&spec.meta, shared.max_image_pixels)),
+            preprocessor: Arc::new(
+                Preprocessor::for_model(&spec.meta, shared.max_image_pixels)
+                    .with_exif(shared.exif)
+                    .with_jpeg_scaling(shared.jpeg_scaling),
+            ),
             places: Places::new(capacity, metrics.inflight_images.clone()),
             queue: Arc::new(Queue {
                 model: spec.name.clone(),

@@ -134,6 +134,7 @@ impl Server {
                 metrics.decode_memory.clone(),
             )),
             exif: config.exif_orientation,
+            jpeg_scaling: config.jpeg_scaled_decode,
             cpu_budget: Arc::new(CpuBudget::new(cpu_budget)),
             metrics: metrics.clone(),
             max_image_pixels: config.max_image_pixels,
