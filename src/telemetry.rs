@@ -36,10 +36,7 @@ pub fn otlp_endpoint(flag: Option<&str>) -> Option<String> {
     otlp_endpoint_from(flag, |name| std::env::var(name).ok())
 }
 
-fn otlp_endpoint_from(
-    flag: Option<&str>,
-    env: impl Fn(&str) -> Option<String>,
-) -> Option<String> {
+fn otlp_endpoint_from(flag: Option<&str>, env: impl Fn(&str) -> Option<String>) -> Option<String> {
     let env = |name: &str| env(name).filter(|v| !v.trim().is_empty());
     if env("OTEL_SDK_DISABLED").is_some_and(|v| v.trim().eq_ignore_ascii_case("true")) {
         return None;
@@ -107,8 +104,10 @@ fn tracer_provider(endpoint: &str) -> anyhow::Result<SdkTracerProvider> {
         BatchSpanProcessor::builder(exporter, opentelemetry_sdk::runtime::Tokio).build();
     // The service is `tch-serve` unless OTEL_SERVICE_NAME or OTEL_RESOURCE_ATTRIBUTES name it.
     let named = std::env::var("OTEL_SERVICE_NAME").is_ok_and(|v| !v.is_empty())
-        || std::env::var("OTEL_RESOURCE_ATTRIBUTES")
-            .is_ok_and(|v| v.split(',').any(|kv| kv.trim().starts_with("service.name=")));
+        || std::env::var("OTEL_RESOURCE_ATTRIBUTES").is_ok_and(|v| {
+            v.split(',')
+                .any(|kv| kv.trim().starts_with("service.name="))
+        });
     let mut resource = Resource::builder().with_attribute(opentelemetry::KeyValue::new(
         "service.version",
         env!("CARGO_PKG_VERSION"),
@@ -143,10 +142,7 @@ pub async fn shutdown_tracing(limit: Duration) {
 
 /// Whether spans are exported (an OTLP endpoint was configured and not yet shut down).
 pub fn exporting_traces() -> bool {
-    PROVIDER
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .is_some()
+    PROVIDER.lock().unwrap_or_else(|e| e.into_inner()).is_some()
 }
 
 struct HeaderExtractor<'a>(&'a HeaderMap);
@@ -617,11 +613,11 @@ mod tests {
             ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317"),
         ]);
         assert_eq!(
-            otlp_endpoint_from(None, &both).as_deref(),
+            otlp_endpoint_from(None, both).as_deref(),
             Some("http://traces:4317")
         );
         assert_eq!(
-            otlp_endpoint_from(Some("http://flag:4317"), &both).as_deref(),
+            otlp_endpoint_from(Some("http://flag:4317"), both).as_deref(),
             Some("http://flag:4317")
         );
         assert_eq!(
@@ -634,7 +630,10 @@ mod tests {
         );
         assert_eq!(otlp_endpoint_from(Some(" "), vars(&[])), None);
         assert_eq!(
-            otlp_endpoint_from(Some("http://a:4317"), vars(&[("OTEL_SDK_DISABLED", "TRUE")])),
+            otlp_endpoint_from(
+                Some("http://a:4317"),
+                vars(&[("OTEL_SDK_DISABLED", "TRUE")])
+            ),
             None
         );
     }

@@ -62,7 +62,11 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
     assert!(tch_serve::telemetry::exporting_traces());
 
     // Two images held until both are queued, so that they share one forward pass.
-    let server = fake_server(&["--max-batch-size", "8", "--max-batch-delay-ms", "200"], Duration::ZERO).await;
+    let server = fake_server(
+        &["--max-batch-size", "8", "--max-batch-delay-ms", "200"],
+        Duration::ZERO,
+    )
+    .await;
     let (a, b) = (png(1), png(2));
     let mut req = predict_multipart(
         "/models/fake/predict",
@@ -70,7 +74,9 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
     );
     req.headers_mut().insert(
         "traceparent",
-        format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01").parse().unwrap(),
+        format!("00-{CALLER_TRACE}-{CALLER_SPAN}-01")
+            .parse()
+            .unwrap(),
     );
     let (resp, body) = send(&server, req).await;
     assert_eq!(resp.status(), 200, "{body}");
@@ -135,14 +141,20 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
     assert_eq!(hex(&request.parent_span_id), CALLER_SPAN);
     assert_eq!(request.kind, SpanKind::Server as i32);
     let attrs = &request.attributes;
-    assert_eq!(string_attr(attrs, "http.request.method").as_deref(), Some("POST"));
+    assert_eq!(
+        string_attr(attrs, "http.request.method").as_deref(),
+        Some("POST")
+    );
     assert_eq!(
         string_attr(attrs, "http.route").as_deref(),
         Some("/models/{name}/predict")
     );
     assert_eq!(int_attr(attrs, "http.response.status_code"), Some(200));
     assert_eq!(string_attr(attrs, "model.name").as_deref(), Some("fake"));
-    assert_eq!(string_attr(attrs, "trace_id").as_deref(), Some(CALLER_TRACE));
+    assert_eq!(
+        string_attr(attrs, "trace_id").as_deref(),
+        Some(CALLER_TRACE)
+    );
     assert!(string_attr(attrs, "request_id").is_some_and(|id| id.len() == 36));
     let request_id = hex(&request.span_id);
 
@@ -154,17 +166,29 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
                 request_id,
                 "{name} is a child of the request span"
             );
-            assert!(span.start_time_unix_nano >= request.start_time_unix_nano, "{name}");
-            assert!(span.end_time_unix_nano <= request.end_time_unix_nano, "{name}");
+            assert!(
+                span.start_time_unix_nano >= request.start_time_unix_nano,
+                "{name}"
+            );
+            assert!(
+                span.end_time_unix_nano <= request.end_time_unix_nano,
+                "{name}"
+            );
         }
     }
-    assert_eq!(int_attr(&trace["upload"][0].attributes, "upload.images"), Some(2));
+    assert_eq!(
+        int_attr(&trace["upload"][0].attributes, "upload.images"),
+        Some(2)
+    );
     assert_eq!(
         int_attr(&trace["upload"][0].attributes, "upload.bytes"),
         Some((a.len() + b.len()) as i64)
     );
     for span in &trace["preprocess"] {
-        assert_eq!(string_attr(&span.attributes, "image.format").as_deref(), Some("png"));
+        assert_eq!(
+            string_attr(&span.attributes, "image.format").as_deref(),
+            Some("png")
+        );
         assert_eq!(int_attr(&span.attributes, "image.width"), Some(64));
         assert_eq!(int_attr(&span.attributes, "image.height"), Some(48));
     }
@@ -184,7 +208,10 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
             1,
             "one link per request"
         );
-        assert_eq!(string_attr(&batch.attributes, "model.name").as_deref(), Some("fake"));
+        assert_eq!(
+            string_attr(&batch.attributes, "model.name").as_deref(),
+            Some("fake")
+        );
         let served: Vec<&Span> = trace["inference"]
             .iter()
             .filter(|s| {
@@ -199,7 +226,10 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
             "batch.size counts the images of the forward pass"
         );
         for s in served {
-            assert_eq!(int_attr(&s.attributes, "batch.size"), Some(served_len(batch)));
+            assert_eq!(
+                int_attr(&s.attributes, "batch.size"),
+                Some(served_len(batch))
+            );
         }
         images += served_len(batch);
     }
@@ -209,7 +239,10 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
     let own_spans = by_name(&spans, &own_trace);
     let own = &own_spans["POST /models/{name}/predict"][0];
     assert!(own.parent_span_id.is_empty());
-    assert_eq!(int_attr(&own.attributes, "http.response.status_code"), Some(404));
+    assert_eq!(
+        int_attr(&own.attributes, "http.response.status_code"),
+        Some(404)
+    );
 
     // Shutting down exports what is left and stops exporting, in bounded time.
     let started = std::time::Instant::now();
@@ -217,10 +250,24 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
     assert!(started.elapsed() < tch_serve::shutdown::TRACE_FLUSH_TIMEOUT + Duration::from_secs(1));
     assert!(!tch_serve::telemetry::exporting_traces());
     let exports = *collector.exports.lock().unwrap();
-    let (resp, _) = send(&server, Request::get("/live").body(axum::body::Body::empty()).unwrap()).await;
-    assert_eq!(resp.status(), 200, "the server still answers after the exporter stopped");
+    let (resp, _) = send(
+        &server,
+        Request::get("/live")
+            .body(axum::body::Body::empty())
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        resp.status(),
+        200,
+        "the server still answers after the exporter stopped"
+    );
     tch_serve::shutdown::flush_traces().await;
-    assert_eq!(*collector.exports.lock().unwrap(), exports, "nothing exported after shutdown");
+    assert_eq!(
+        *collector.exports.lock().unwrap(),
+        exports,
+        "nothing exported after shutdown"
+    );
 }
 
 fn served_len(batch: &Span) -> i64 {

@@ -73,17 +73,22 @@ pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Route
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Innermost, so that a panic becomes a 500 that the metrics layer counts.
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            tracing::error!("handler panicked");
-            ApiError::Internal.into_response()
-        }))
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("handler panicked");
+                ApiError::Internal.into_response()
+            },
+        ))
         // Inside the metrics, so that refusals are counted; before any handler reads a body.
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_api_key,
         ))
         .layer(middleware::from_fn(refuse_ambiguous_framing))
-        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))

@@ -169,6 +169,8 @@ struct Queue {
 impl Queue {
     /// Queues a job without waiting; gives it back if the queue is closed (or, which the places
     /// rule out, full).
+    // The job comes back to its sender to be answered, not as an error to propagate.
+    #[allow(clippy::result_large_err)]
     fn push(&self, job: Job) -> Result<(), Job> {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = tx.as_ref() else {

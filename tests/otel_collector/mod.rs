@@ -104,4 +104,3 @@ pub fn int_attr(attrs: &[KeyValue], key: &str) -> Option<i64> {
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
-
