@@ -199,6 +199,10 @@ pub struct ServeConfig {
     /// Log format.
     #[arg(long, env = "TCH_SERVE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// OTLP/gRPC endpoint to export traces to (e.g. http://otel-collector:4317); off when
+    /// unset, unless OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is set.
+    #[arg(long, env = "TCH_SERVE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
     /// Client connections open at once; a new one beyond it takes the place of the connection
     /// that has been idle or sending its headers the longest (closed at once when all are busy).
     #[arg(long, env = "TCH_SERVE_MAX_CONNECTIONS", default_value_t = 1024)]

@@ -34,11 +34,19 @@ fn main() -> ExitCode {
                 Some(Command::Serve(config)) => *config,
                 _ => cli.serve,
             };
-            tch_serve::telemetry::init_tracing(config.log_format);
+            // The trace exporter's batch processor runs on the runtime.
+            let endpoint = tch_serve::telemetry::otlp_endpoint(config.otlp_endpoint.as_deref());
+            let traced = {
+                let _runtime = runtime.enter();
+                tch_serve::telemetry::init_tracing(config.log_format, endpoint.as_deref())
+            };
+            if let Err(e) = traced {
+                eprintln!("tch-serve: {e:#}");
+                return ExitCode::FAILURE;
+            }
             match runtime.block_on(tch_serve::run(config)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
-                    tracing::error!(error = format!("{e:#}"), "tch-serve failed");
                     eprintln!("tch-serve: {e:#}");
                     ExitCode::FAILURE
                 }

@@ -1,7 +1,18 @@
 //! Signals to one cancellation token: SIGTERM or SIGINT cancels it, and everything that must
-//! stop watches it.
+//! stop watches it; and the last step of an exit, flushing the traces.
+
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
+
+/// How long the traces still buffered at exit may take to reach the collector.
+pub const TRACE_FLUSH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Exports the spans still buffered, within [`TRACE_FLUSH_TIMEOUT`] (at once when traces are
+/// not exported): the last thing the server does before it returns.
+pub async fn flush_traces() {
+    crate::telemetry::shutdown_tracing(TRACE_FLUSH_TIMEOUT).await;
+}
 
 /// A token cancelled on the first SIGTERM or SIGINT.
 pub fn on_signals() -> CancellationToken {

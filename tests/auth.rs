@@ -30,8 +30,11 @@ fn post(path: &str) -> Request<Body> {
     Request::post(path).body(Body::empty()).unwrap()
 }
 
+/// Builds one request.
+type MakeRequest = Box<dyn Fn() -> Request<Body>>;
+
 /// Every request a client can make that needs a key, and the status it gets with one.
-fn protected() -> Vec<(&'static str, Box<dyn Fn() -> Request<Body>>, u16)> {
+fn protected() -> Vec<(&'static str, MakeRequest, u16)> {
     vec![
         (
             "POST /predict",

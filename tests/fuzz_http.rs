@@ -268,7 +268,7 @@ impl Form {
             match self.newline {
                 0 => out.extend_from_slice(b"\r\n"),
                 1 => out.push(b'\n'),
-                _ if line_no % 3 == 0 => out.push(b'\n'),
+                _ if line_no.is_multiple_of(3) => out.push(b'\n'),
                 _ => out.extend_from_slice(b"\r\n"),
             }
         };
@@ -995,12 +995,14 @@ fn exchange(
     }
     // The rest: answers to bytes past the request, until the server closes.
     let _ = s.shutdown(Shutdown::Write);
-    while !closed {
-        match s.read(&mut buf) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&buf[..n]),
-            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
-            Err(e) => return Err(format!("{e} after {} bytes", got.len())),
+    if !closed {
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break,
+                Err(e) => return Err(format!("{e} after {} bytes", got.len())),
+            }
         }
     }
     let (answers, _) = parse_answers(&got)?;

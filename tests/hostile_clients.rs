@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use common::*;
 
 /// Raises this process's soft limit on open files to its hard limit; returns the soft limit.
+// rlim_t is u64 on Linux but not on every target.
+#[allow(clippy::unnecessary_cast)]
 fn raise_fd_limit() -> u64 {
     let mut l = libc::rlimit {
         rlim_cur: 0,

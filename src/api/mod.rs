@@ -33,6 +33,9 @@ use crate::telemetry::Metrics;
 
 pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 
+/// The trace id of the request's span, on every response while traces are exported.
+pub const TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
+
 /// Set on a response by a handler that resolved a model, for the metrics' `model` label.
 #[derive(Debug, Clone)]
 pub struct ModelLabel(pub String);
@@ -70,29 +73,27 @@ pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Route
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Innermost, so that a panic becomes a 500 that the metrics layer counts.
-        .layer(CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
-            tracing::error!("handler panicked");
-            ApiError::Internal.into_response()
-        }))
+        .layer(CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                tracing::error!("handler panicked");
+                ApiError::Internal.into_response()
+            },
+        ))
         // Inside the metrics, so that refusals are counted; before any handler reads a body.
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_api_key,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), record_metrics))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            record_metrics,
+        ))
         .layer(
             ServiceBuilder::new()
                 .layer(SetRequestIdLayer::new(REQUEST_ID, MakeRequestUuid))
                 .layer(
                     TraceLayer::new_for_http()
-                        .make_span_with(|req: &Request| {
-                            let id = req
-                                .headers()
-                                .get(REQUEST_ID)
-                                .and_then(|v| v.to_str().ok())
-                                .unwrap_or("-");
-                            tracing::info_span!("request", request_id = %id, method = %req.method(), path = %req.uri().path())
-                        })
+                        .make_span_with(request_span)
                         .on_request(())
                         .on_response(DefaultOnResponse::new().level(Level::DEBUG))
                         .on_failure(()),
@@ -100,6 +101,60 @@ pub fn with_layers(routes: Router<Arc<AppState>>, state: Arc<AppState>) -> Route
                 .layer(PropagateRequestIdLayer::new(REQUEST_ID)),
         )
         .with_state(state)
+}
+
+/// The span of one request: named `METHOD /route/template` in traces, the child of the caller's
+/// span when a W3C `traceparent` header names one, with the OpenTelemetry HTTP attributes;
+/// status, model and trace id are recorded as they become known.
+fn request_span(req: &Request) -> tracing::Span {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("-");
+    let route = req
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or("unmatched", |p| p.as_str());
+    let method = req.method();
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %format_args!("{method} {route}"),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        request_id = %id,
+        method = %method,
+        path = %req.uri().path(),
+        http.request.method = %method,
+        http.route = route,
+        http.response.status_code = tracing::field::Empty,
+        model.name = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    crate::telemetry::set_remote_parent(&span, req.headers());
+    if let Some(trace_id) = crate::telemetry::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
+    span
+}
+
+/// Names the request's trace on its response (`x-trace-id`, 32 hex digits) and records the
+/// outcome on its span.
+fn trace_response(response: &mut Response) {
+    let span = tracing::Span::current();
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "error");
+    }
+    if let Some(ModelLabel(model)) = response.extensions().get::<ModelLabel>() {
+        span.record("model.name", model.as_str());
+    }
+    if let Some(id) = crate::telemetry::trace_id(&span)
+        && let Ok(value) = axum::http::HeaderValue::from_str(&id)
+    {
+        response.headers_mut().insert(TRACE_ID, value);
+    }
 }
 
 async fn not_found(uri: Uri) -> ApiError {
@@ -187,7 +242,8 @@ async fn record_metrics(State(state): State<Arc<AppState>>, req: Request, next: 
         start: Instant::now(),
         done: false,
     };
-    let response = next.run(req).await;
+    let mut response = next.run(req).await;
     record.finish(&response);
+    trace_response(&mut response);
     response
 }

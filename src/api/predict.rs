@@ -10,6 +10,7 @@ use axum::extract::{FromRequest, Multipart, Request, State};
 use axum::http::{HeaderMap, HeaderName, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
+use tracing::Instrument;
 use utoipa::ToSchema;
 
 use super::models::ModelName;
@@ -179,6 +180,11 @@ async fn classify(
     })?;
     // The body's bytes from the upload budget, then a place per image: both refused at once
     // when full.
+    let upload = tracing::info_span!(
+        "upload",
+        upload.bytes = tracing::field::Empty,
+        upload.images = tracing::field::Empty
+    );
     let uploads = read_uploads(
         request,
         state.config.max_body_bytes,
@@ -186,7 +192,14 @@ async fn classify(
         &state.uploads,
         deadline,
     )
+    .instrument(upload.clone())
     .await?;
+    upload.record(
+        "upload.bytes",
+        uploads.iter().map(|u| u.bytes.len()).sum::<usize>(),
+    );
+    upload.record("upload.images", uploads.len());
+    drop(upload);
     let body_received = Instant::now();
     let places = pipeline.admit(uploads.len())?;
     // Each image's place travels with its work; if this request ends early, the futures are

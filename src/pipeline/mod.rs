@@ -30,7 +30,8 @@ use tokio::sync::{oneshot, watch};
 
 pub use admission::Place;
 use admission::Places;
-use worker::{Health, Input, Job};
+use tracing::Span;
+use worker::{Health, Input, Job, child_span};
 pub use worker::{LoadReport, WorkerState};
 
 use crate::config::ModelSettings;
@@ -169,6 +170,8 @@ struct Queue {
 impl Queue {
     /// Queues a job without waiting; gives it back if the queue is closed (or, which the places
     /// rule out, full).
+    // The job comes back to its sender to be answered, not as an error to propagate.
+    #[allow(clippy::result_large_err)]
     fn push(&self, job: Job) -> Result<(), Job> {
         let tx = self.tx.lock().unwrap_or_else(|e| e.into_inner());
         let Some(tx) = tx.as_ref() else {
@@ -327,6 +330,8 @@ impl Pipeline {
         let pool = self.pool.clone();
         let budget = self.decode_budget.clone();
         let model = self.name.clone();
+        // The request's span, for the image's spans on the decoding pool and the worker.
+        let span = Span::current();
         let work = async move {
             let probe = preprocessor.probe(&bytes)?;
             let Some(share) = budget.take(probe.decode_bytes).await else {
@@ -338,7 +343,14 @@ impl Pipeline {
                 }));
             };
             pool.spawn(move || {
-                decode_and_queue(place, bytes, share, reply, &preprocessor, &queue, &metrics)
+                let job = DecodeJob {
+                    place,
+                    bytes,
+                    share,
+                    reply,
+                    span,
+                };
+                decode_and_queue(job, &preprocessor, &queue, &metrics)
             });
             answer.await.unwrap_or_else(|_| {
                 Err(PipelineError::Unavailable {
@@ -384,7 +396,10 @@ impl Pipeline {
             return pending;
         }
         let size = self.meta.input_size;
+        let span = Span::current();
         let job = Job {
+            queue_span: child_span(&span, || tracing::info_span!(parent: &span, "queue")),
+            span,
             input: Input::Tensor(tensor),
             image: ImageInfo {
                 width: size,
@@ -438,24 +453,53 @@ impl Future for Pending {
 /// The decoding pool's job for one image: skipped if nobody waits for it any more; otherwise
 /// decoded, then queued for the model with its place. The decode budget's share is given back
 /// once the decoded image is gone (the crop is small).
-fn decode_and_queue(
+struct DecodeJob {
     place: Place,
     bytes: Bytes,
     share: DecodeShare,
     reply: oneshot::Sender<Result<Classified, PipelineError>>,
+    /// The request's span.
+    span: Span,
+}
+
+fn decode_and_queue(
+    job: DecodeJob,
     preprocessor: &Preprocessor,
     queue: &Queue,
     metrics: &ModelMetrics,
 ) {
+    let DecodeJob {
+        place,
+        bytes,
+        share,
+        reply,
+        span,
+    } = job;
     if reply.is_closed() {
         metrics.cancelled_images.inc();
         return;
     }
+    let preprocess = child_span(&span, || {
+        tracing::info_span!(
+            parent: &span,
+            "preprocess",
+            image.bytes = bytes.len(),
+            image.format = tracing::field::Empty,
+            image.width = tracing::field::Empty,
+            image.height = tracing::field::Empty,
+        )
+    });
     let started = Instant::now();
-    let decoded = preprocessor.run(&bytes);
+    let decoded = preprocess.in_scope(|| preprocessor.run(&bytes));
     drop(bytes);
     drop(share);
     let preprocess_time = started.elapsed();
+    if let Ok(d) = &decoded {
+        preprocess.record("image.format", d.format);
+        preprocess.record("image.width", d.width);
+        preprocess.record("image.height", d.height);
+    }
+    drop(preprocess);
     metrics
         .preprocess_duration
         .observe(preprocess_time.as_secs_f64());
@@ -481,6 +525,8 @@ fn decode_and_queue(
         enqueued: Instant::now(),
         reply,
         _place: place,
+        queue_span: child_span(&span, || tracing::info_span!(parent: &span, "queue")),
+        span,
     };
     if let Err(job) = queue.push(job) {
         let reason = match &*queue.state.borrow() {

@@ -12,6 +12,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::sync::{oneshot, watch};
+use tracing::Span;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use super::admission::Place;
 use super::batch::{BatchPolicy, next_batch};
@@ -48,6 +50,20 @@ pub(crate) struct Job {
     pub enqueued: Instant,
     pub reply: oneshot::Sender<Result<Classified, PipelineError>>,
     pub _place: Place,
+    /// The span of the request the image came with (none: the caller had no span).
+    pub span: Span,
+    /// The image's wait in the queue, a child of `span`: it ends when its batch is taken.
+    pub queue_span: Span,
+}
+
+/// A child span of `parent` made by `make`, or none when `parent` is none (so that work for a
+/// caller without a span starts no root spans of its own).
+pub(crate) fn child_span(parent: &Span, make: impl FnOnce() -> Span) -> Span {
+    if parent.is_none() {
+        Span::none()
+    } else {
+        make()
+    }
 }
 
 /// What loading took.
@@ -175,7 +191,7 @@ pub(crate) fn spawn(
                     &metrics,
                     &health,
                     budget,
-                    s.intra_op_threads,
+                    &spec,
                 )
             }));
             state_tx.send_replace(match served {
@@ -245,8 +261,9 @@ fn run(
     metrics: &ModelMetrics,
     health: &Health,
     budget: Option<&CpuBudget>,
-    threads: usize,
+    spec: &ModelSpec,
 ) {
+    let threads = spec.settings.intra_op_threads;
     let per_image = model.input_size().pow(2) * 3;
     let mut pixels: Vec<u8> = Vec::new();
     let mut floats: Vec<f32> = Vec::new();
@@ -256,6 +273,11 @@ fn run(
         // Jobs whose request has ended are dropped here, which gives their places back.
         let (live, gone): (Vec<Job>, Vec<Job>) = batch
             .into_iter()
+            .map(|mut job| {
+                // The wait in the queue ends here.
+                job.queue_span = Span::none();
+                job
+            })
             .partition(|j| !j.reply.is_closed() && j.input.len() == per_image);
         for job in gone {
             if job.reply.is_closed() {
@@ -277,6 +299,46 @@ fn run(
             }
             let n = group.len();
             let padded = model.padded_batch(n).max(n);
+            // One span per forward pass, linked to the span of every request it serves; each
+            // request gets an `inference` child linked back to it.
+            let forward = tracing::info_span!(
+                parent: None,
+                "forward_pass",
+                model.name = %spec.name,
+                model.version = spec.version,
+                batch.size = n,
+                batch.padded_size = padded,
+                input = if matches!(group[0].input, Input::Pixels(_)) { "pixels" } else { "tensor" },
+                otel.status_code = tracing::field::Empty,
+            );
+            let mut linked = Vec::with_capacity(n);
+            for job in &group {
+                let cx = crate::telemetry::span_context(&job.span);
+                // One link per request, however many of its images the batch holds.
+                if cx.is_valid() && !linked.contains(&cx.span_id()) {
+                    linked.push(cx.span_id());
+                    forward.add_link(cx);
+                }
+            }
+            let forward_cx = crate::telemetry::span_context(&forward);
+            let inference: Vec<Span> = group
+                .iter()
+                .map(|job| {
+                    child_span(&job.span, || {
+                        let span = tracing::info_span!(
+                            parent: &job.span,
+                            "inference",
+                            model.name = %spec.name,
+                            batch.size = n
+                        );
+                        if forward_cx.is_valid() {
+                            span.add_link(forward_cx.clone());
+                        }
+                        span
+                    })
+                })
+                .collect();
+            let entered = forward.enter();
             let share = budget.map(|b| b.acquire(threads));
             let start = Instant::now();
             let result = catch_unwind(AssertUnwindSafe(|| match &group[0].input {
@@ -309,6 +371,7 @@ fn run(
             });
             let inference_time = start.elapsed();
             drop(share);
+            drop(inference);
             answer(
                 group,
                 result,
@@ -318,6 +381,7 @@ fn run(
                 metrics,
                 health,
             );
+            drop(entered);
         }
     }
 }
@@ -349,9 +413,11 @@ fn answer(
                     reply,
                     image,
                     _place: place,
+                    span,
                     ..
                 } = job;
                 drop(place);
+                drop(span);
                 let _ = reply.send(Ok(Classified {
                     probabilities: probs[i * classes..(i + 1) * classes].to_vec(),
                     image,
@@ -367,14 +433,17 @@ fn answer(
     };
     health.failure(&failure);
     metrics.inference_failures.inc();
+    Span::current().record("otel.status_code", "error");
     tracing::error!(error = %failure, images = n, "forward pass failed");
     for Job {
         reply,
         _place: place,
+        span,
         ..
     } in jobs
     {
         drop(place);
+        drop(span);
         let _ = reply.send(Err(PipelineError::InferenceFailed {
             detail: failure.clone(),
         }));

@@ -365,6 +365,8 @@ impl Drop for Open {
 /// `worker_rlimit_nofile` do): each connection is a descriptor, and a soft limit of 1024 (many
 /// distributions' default) would make `--max-connections 1024` fail on `accept` first. Warns
 /// when even the hard limit leaves too little room. Returns the soft limit.
+// rlim_t is u64 on Linux but not on every target.
+#[allow(clippy::unnecessary_cast)]
 pub fn raise_open_file_limit(max_connections: usize) -> u64 {
     let mut l = libc::rlimit {
         rlim_cur: 0,

@@ -313,8 +313,18 @@ impl Server {
     }
 }
 
-/// `tch-serve serve`: load the configured models and serve until SIGTERM/SIGINT.
+/// `tch-serve serve`: load the configured models and serve until SIGTERM/SIGINT; the traces
+/// still buffered are flushed (in bounded time) before it returns, whatever the outcome.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let result = run_until_stopped(config).await;
+    if let Err(e) = &result {
+        tracing::error!(error = format!("{e:#}"), "tch-serve failed");
+    }
+    crate::shutdown::flush_traces().await;
+    result
+}
+
+async fn run_until_stopped(config: ServeConfig) -> anyhow::Result<()> {
     config.validate().map_err(anyhow::Error::msg)?;
     let (pre, intra) = config.thread_split();
     tracing::info!(
