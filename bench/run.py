@@ -1114,6 +1114,11 @@ def write_report(r: dict) -> None:
             "",
         ]
     target = os.path.join(OUT, "BENCHMARKS-partial.md") if partial else os.path.join(ROOT, "BENCHMARKS.md")
+    # Figures measured by other commands (each section says which), kept across runs.
+    appendix = os.path.join(ROOT, "bench", "appendix.md")
+    if os.path.exists(appendix):
+        with open(appendix) as f:
+            md += f.read().splitlines()
     os.makedirs(os.path.dirname(target), exist_ok=True)
     with open(target, "w") as f:
         f.write("\n".join(md))
