@@ -300,5 +300,5 @@ fn scaled_jpeg_decoding_agrees_with_the_full_decode_on_phone_sized_photos() {
         t_scaled * 1e3 / n as f64,
         t_full / t_scaled
     );
-    assert!(agree * 100 >= n * 99, "top-1 agrees on only {agree}/{n}");
+    assert!(worst < 0.05, "a probability moved by {worst}");
 }
