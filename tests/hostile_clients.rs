@@ -13,32 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
-/// Raises this process's soft limit on open files to its hard limit; returns the soft limit.
-// rlim_t is u64 on Linux but not on every target.
-#[allow(clippy::unnecessary_cast)]
-fn raise_fd_limit() -> u64 {
-    let mut l = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed to them.
-    unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) != 0 {
-            return 1024;
-        }
-        if l.rlim_cur < l.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: l.rlim_max,
-                rlim_max: l.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                l.rlim_cur = l.rlim_max;
-            }
-        }
-    }
-    l.rlim_cur as u64
-}
-
 /// File descriptors this process holds (server and clients alike: they share it).
 fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
@@ -311,7 +285,8 @@ async fn stalled_and_endless_uploads_are_answered_408() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thousands_of_half_open_connections_do_not_lock_out_a_normal_client() {
     const CAP: usize = 256;
-    let limit = raise_fd_limit() as usize;
+    // The server's own start-up step: the soft limit raised to the hard one.
+    let limit = tch_serve::server::listener::raise_open_file_limit(CAP) as usize;
     // Each half-open connection costs this process two descriptors while the server holds it
     // (its client end and the server's end), one once the server has closed its end.
     let n = 3000.min(limit.saturating_sub(CAP + 200));
