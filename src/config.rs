@@ -191,6 +191,7 @@ pub struct ServeConfig {
     pub preprocess_threads: usize,
     /// Niceness of the inference thread and libtorch's threads (0-19), so the HTTP threads get a
     /// core at once while forward passes keep the cores busy (503s and /health stay fast).
+    /// CPU models only: a CUDA model's worker keeps the normal priority to feed the GPU at once.
     #[arg(long, env = "TCH_SERVE_INFERENCE_NICENESS", default_value_t = 10, value_parser = clap::value_parser!(u8).range(0..=19))]
     pub inference_niceness: u8,
     /// Forward passes per warm-up batch size before /health reports healthy.

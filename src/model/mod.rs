@@ -56,4 +56,9 @@ pub struct Loaded {
 /// (libtorch threads, priority) are made, and before its first forward pass.
 pub trait Backend: Send + Sync + 'static {
     fn load(&self, spec: &ModelSpec) -> anyhow::Result<Loaded>;
+    /// Whether the model's forward passes will run on the CPU's cores, asked before `load` so
+    /// the worker thread's priority can be set first (a thread cannot raise it again).
+    fn runs_on_cpu(&self, _settings: &ModelSettings) -> bool {
+        true
+    }
 }

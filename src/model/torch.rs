@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use tch::{CModule, Device, Kind, Tensor};
 
 use super::{Backend, Classifier, Loaded, ModelSpec};
-use crate::config::{DeviceRequest, MemoryFormat, Precision, parse_device};
+use crate::config::{DeviceRequest, MemoryFormat, ModelSettings, Precision, parse_device};
 use crate::metadata::ModelMetadata;
 
 /// Builds [`TorchClassifier`]s from TorchScript files on the device their settings ask for.
@@ -31,6 +31,14 @@ impl Backend for TorchBackend {
             device: device_name(device),
             on_cpu: device == Device::Cpu,
         })
+    }
+
+    fn runs_on_cpu(&self, settings: &ModelSettings) -> bool {
+        // A device that cannot be resolved fails in `load`, which says why.
+        parse_device(&settings.device)
+            .map_err(anyhow::Error::msg)
+            .and_then(resolve_device)
+            .map_or(true, |d| d == Device::Cpu)
     }
 }
 
