@@ -15,15 +15,19 @@ TEST_DATA := target/test-data
 # tch builds against the libtorch inside the venv's torch wheel.
 CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
 
-.PHONY: run setup venv model test-data build test test-rust test-k8s test-containers test-reliability test-protocol lint bench clean
+.PHONY: run setup venv build-tools model test-data build test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
 
 ## Set up, build and serve the model repository models/ (port $(PORT)): resnet18, the default
 ## model, and the pretrained efficientnet_lite0.
 run: build model
 	target/release/tch-serve serve --model-repository models --default-model $(MODEL) --port $(PORT)
 
-## Everything `run` and `test` need: the venv with torch, the model, the test photos.
-setup: venv model test-data
+## Everything `run` and `test` need: the venv with torch, the model, the test photos, and the
+## tools that build libjpeg-turbo (cmake, nasm).
+setup: venv build-tools model test-data
+
+build-tools:
+	scripts/build-tools.sh
 
 venv: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt
@@ -43,7 +47,7 @@ $(TEST_DATA)/reference.json: tests/python/reference.py tests/data/accuracy.json 
 		$(MODEL_DIR)/model.pt $(PRETRAINED_DIR)/model.pt
 	$(PY) tests/python/reference.py --model-dir $(MODEL_DIR) --repository models --out $(TEST_DATA)
 
-build: venv
+build: venv build-tools
 	$(CARGO) build --release --locked
 
 ## The whole suite: formatting, unit and integration tests (real model, real sockets),
@@ -82,11 +86,17 @@ bench: build setup target/phone-photos/manifest.json
 	$(CARGO) build --release --locked --examples
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(BENCH_ARGS)
 
+## CUDA rows, on a machine with an NVIDIA GPU: ResNet-50 fp16 end-to-end against the raw forward
+## pass, CPU-against-GPU answers (bench/cuda.py; about 3 minutes). BENCH_ARGS as for bench/cuda.py.
+bench-cuda: build setup target/phone-photos/manifest.json
+	$(CARGO) build --release --locked --examples
+	$(PY) bench/cuda.py $(BENCH_ARGS)
+
 # 3 MP and 12 MP photos made from real ones, seeded (about 20 s); the manifest is written last.
 target/phone-photos/manifest.json: bench/phone_photos.py | $(VENV)/.installed
 	$(PY) bench/phone_photos.py --out target/phone-photos
 
-lint: venv
+lint: venv build-tools
 	cargo fmt --check
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
 

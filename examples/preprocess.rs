@@ -3,12 +3,14 @@
 //!
 //!     cargo run --release --example preprocess -- --model-dir models/resnet18 --seconds 2 photo.jpg ...
 //!
-//! Prints one JSON line per file: {"file", "width", "height", "ms", "ms_decode"}.
+//! Prints one JSON line per file: {"file", "width", "height", "ms", "ms_scaled", "ms_decode"}:
+//! the whole preprocessing with the full decode (`--jpeg-scaled-decode off`) and with scaled
+//! JPEG decoding (`auto`), and the full decode alone.
 
 use std::time::{Duration, Instant};
 
 use tch_serve::metadata::ModelMetadata;
-use tch_serve::preprocess::{Preprocessor, decode_rgb};
+use tch_serve::preprocess::{JpegScaledDecode, Preprocessor, decode_rgb};
 
 fn time_per_call(seconds: f64, mut f: impl FnMut()) -> f64 {
     f();
@@ -32,7 +34,8 @@ fn main() -> anyhow::Result<()> {
         }
     }
     let meta = ModelMetadata::load(std::path::Path::new(&dir))?;
-    let pre = Preprocessor::for_model(&meta, u64::MAX);
+    let pre = Preprocessor::for_model(&meta, u64::MAX).with_jpeg_scaling(JpegScaledDecode::Off);
+    let scaled = Preprocessor::for_model(&meta, u64::MAX).with_jpeg_scaling(JpegScaledDecode::Auto);
     for file in files {
         let bytes = std::fs::read(&file)?;
         let out = pre
@@ -41,11 +44,14 @@ fn main() -> anyhow::Result<()> {
         let ms = time_per_call(seconds, || {
             pre.run(&bytes).expect("decoded once already");
         });
+        let ms_scaled = time_per_call(seconds, || {
+            scaled.run(&bytes).expect("decoded once already");
+        });
         let ms_decode = time_per_call(seconds, || {
             decode_rgb(&bytes, u64::MAX).expect("decoded once already");
         });
         println!(
-            "{{\"file\":{:?},\"width\":{},\"height\":{},\"ms\":{ms:.3},\"ms_decode\":{ms_decode:.3}}}",
+            "{{\"file\":{:?},\"width\":{},\"height\":{},\"ms\":{ms:.3},\"ms_scaled\":{ms_scaled:.3},\"ms_decode\":{ms_decode:.3}}}",
             file, out.width, out.height
         );
     }

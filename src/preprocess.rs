@@ -61,11 +61,10 @@ pub enum ExifOrientation {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum JpegScaledDecode {
-    /// The largest scale that keeps the short side at least [`SCALED_DECODE_MARGIN`] times the
-    /// resize size (by the jpeg-decoder crate); small photos are decoded in full.
+    /// The smallest scale that keeps the short side at least [`SCALED_DECODE_MARGIN`] times
+    /// the resize size (by libjpeg-turbo); smaller photos are decoded in full.
     Auto,
-    /// Always decode in full (pixel parity with PIL and torchvision). The default: the scaled
-    /// decode of the pure-Rust decoder is no faster than the full SIMD decode (BENCHMARKS.md).
+    /// Always decode in full (pixel parity with PIL and torchvision).
     #[default]
     Off,
 }
@@ -84,6 +83,56 @@ pub const SUPPORTED_FORMATS: [ImageFormat; 5] = [
     ImageFormat::Bmp,
     ImageFormat::Gif,
 ];
+
+/// Progressive scans libjpeg-turbo reads before it gives up on a JPEG: a crafted progressive
+/// JPEG with thousands of tiny scans would otherwise cost seconds of CPU (real photos have at
+/// most a few dozen). Such a JPEG then goes to the full decode, which has its own limits.
+const MAX_PROGRESSIVE_SCANS: u32 = 500;
+
+/// A JPEG decoded by libjpeg-turbo at the smallest DCT scale of 1/8, 1/4 and 1/2 that keeps its
+/// short side at least `min_short`, as RGB (grayscale expanded). `None` when that cannot be
+/// done (no such scale, CMYK or lossless JPEG, a header that disagrees with `probe`, or any
+/// error or warning from libjpeg-turbo): the full decode then decides, and reports what is
+/// wrong the same way for every path.
+fn decode_jpeg_scaled(bytes: &[u8], probe: &Probe, min_short: u32) -> Option<image::RgbImage> {
+    use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
+    let mut d = Decompressor::new().ok()?;
+    let header = d.read_header(bytes).ok()?;
+    if (header.width, header.height) != (probe.width as usize, probe.height as usize)
+        || header.is_lossless
+        || !matches!(
+            header.colorspace,
+            Colorspace::YCbCr | Colorspace::Gray | Colorspace::RGB
+        )
+    {
+        return None;
+    }
+    let short = header.width.min(header.height);
+    let factor = [
+        ScalingFactor::ONE_EIGHTH,
+        ScalingFactor::ONE_QUARTER,
+        ScalingFactor::ONE_HALF,
+    ]
+    .into_iter()
+    .find(|f| f.scale(short) >= min_short as usize)?;
+    d.set_scaling_factor(factor).ok()?;
+    d.set_scan_limit(MAX_PROGRESSIVE_SCANS).ok()?;
+    let scaled = header.scaled(factor);
+    let mut pixels = vec![0u8; 3 * scaled.width * scaled.height];
+    let out = Image {
+        pixels: &mut pixels[..],
+        width: scaled.width,
+        pitch: 3 * scaled.width,
+        height: scaled.height,
+        format: PixelFormat::RGB,
+    };
+    d.decompress(bytes, out).ok()?;
+    image::RgbImage::from_raw(
+        u32::try_from(scaled.width).ok()?,
+        u32::try_from(scaled.height).ok()?,
+        pixels,
+    )
+}
 
 /// Geometry of a model's input, and the limits on what is decoded.
 #[derive(Debug, Clone)]
@@ -190,10 +239,10 @@ impl Preprocessor {
     }
 
     /// A JPEG whose short side is at least twice `min_short`, decoded at the smallest DCT scale
-    /// (1/2, 1/4, 1/8) that keeps its short side at least `min_short`, then oriented, resized
-    /// and cropped as usual; the reported size is the image's own. `None` for anything else
-    /// (other formats, smaller photos, pixel formats other than RGB and grayscale): those take
-    /// the full decode.
+    /// (1/2, 1/4, 1/8) that keeps its short side at least `min_short` (see
+    /// [`decode_jpeg_scaled`]), then oriented, resized and cropped as usual; the reported size
+    /// is the image's own. `None` for anything else (other formats, smaller photos, JPEGs that
+    /// libjpeg-turbo does not decode to RGB cleanly): those take the full decode.
     fn run_scaled(
         &self,
         bytes: &[u8],
@@ -209,36 +258,10 @@ impl Preprocessor {
                 "truncated JPEG: the data ends before the end-of-image marker".into(),
             ));
         }
-        let undecodable = |e: jpeg_decoder::Error| PreprocessError::Undecodable(e.to_string());
-        let mut decoder = jpeg_decoder::Decoder::new(bytes);
-        decoder.read_info().map_err(undecodable)?;
-        let Some(info) = decoder.info() else {
+        let Some(rgb) = decode_jpeg_scaled(bytes, &probe, min_short) else {
             return Ok(None);
         };
-        if !matches!(
-            info.pixel_format,
-            jpeg_decoder::PixelFormat::RGB24 | jpeg_decoder::PixelFormat::L8
-        ) {
-            return Ok(None);
-        }
-        // The requested size keeps the aspect ratio, its short side at `min_short`: the decoder
-        // picks the smallest scale whose output is at least that large.
-        let ratio = f64::from(min_short) / f64::from(short);
-        let want = |side: u32| ((f64::from(side) * ratio).ceil() as u32).min(u32::from(u16::MAX));
-        let (w, h) = decoder
-            .scale(want(probe.width) as u16, want(probe.height) as u16)
-            .map_err(undecodable)?;
-        let (w, h) = (u32::from(w), u32::from(h));
-        let pixels = decoder.decode().map_err(undecodable)?;
-        let rgb = match info.pixel_format {
-            jpeg_decoder::PixelFormat::L8 => pixels.iter().flat_map(|&v| [v, v, v]).collect(),
-            _ => pixels,
-        };
-        let Some(rgb) = image::RgbImage::from_raw(w, h, rgb) else {
-            return Err(PreprocessError::Undecodable(
-                "the JPEG decoder returned fewer pixels than its size".into(),
-            ));
-        };
+        let w = rgb.width();
         let mut img = DynamicImage::ImageRgb8(rgb);
         if self.exif == ExifOrientation::Apply
             && let Ok(mut d) = reader(bytes, probe.format, Limits::default()).into_decoder()
@@ -562,11 +585,20 @@ mod tests {
         assert_eq!((b.width, b.height), (1600, 1200));
         let d = mean_abs_diff(&a.pixels, &b.pixels);
         assert!(d < 2.0, "mean difference {d}");
+        // The smallest of 1/8, 1/4, 1/2 that keeps the short side at 512 or more.
+        let probe_of = |b: &[u8]| probe(b, u64::MAX).unwrap();
+        let scaled = decode_jpeg_scaled(&big, &probe_of(&big), 512).unwrap();
+        assert_eq!(scaled.dimensions(), (800, 600));
+        let phone = encode(&gradient(4032, 3024), ImageFormat::Jpeg);
+        let scaled = decode_jpeg_scaled(&phone, &probe_of(&phone), 512).unwrap();
+        assert_eq!(scaled.dimensions(), (1008, 756));
+        assert!(decode_jpeg_scaled(&phone, &probe_of(&phone), 3025).is_none());
         // Grayscale JPEGs too.
         let gray = encode(
             &DynamicImage::ImageLuma8(gradient(1600, 1200).to_luma8()),
             ImageFormat::Jpeg,
         );
+        assert!(auto.run_scaled(&gray, 512).unwrap().is_some());
         let d = mean_abs_diff(
             &auto.run(&gray).unwrap().pixels,
             &off.run(&gray).unwrap().pixels,

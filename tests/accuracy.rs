@@ -177,7 +177,7 @@ async fn pretrained_model_names_what_is_in_real_photos() {
     );
 }
 
-/// Scaled JPEG decoding (`--jpeg-scaled-decode auto`, the default) against the full decode on
+/// Scaled JPEG decoding (`--jpeg-scaled-decode auto`, libjpeg-turbo) against the full decode on
 /// phone-sized photos of the pretrained model: the real photos upscaled to 3 and 12
 /// megapixels (and a 4:3 crop of each at 8 MP) with sensor-like noise, saved as JPEG at
 /// quality 90. Prints the top-1 agreement, the largest probability difference and the decode
