@@ -79,10 +79,10 @@ RUN site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths
 FROM ${RUST_IMAGE} AS build
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 # Debian packages unpinned (DL3008): bookworm point releases only bring fixes.
-# cmake and nasm build libjpeg-turbo (scaled JPEG decoding), linked in statically.
+# cmake, make and nasm build libjpeg-turbo (scaled JPEG decoding), linked in statically.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends g++ ca-certificates binutils cmake nasm \
+ && apt-get install -y --no-install-recommends g++ make ca-certificates binutils cmake nasm \
  && rm -rf /var/lib/apt/lists/*
 COPY certs/ /usr/local/share/ca-certificates/extra/
 RUN update-ca-certificates >/dev/null
