@@ -907,7 +907,8 @@ def write_report(r: dict) -> None:
         rows.append(ratio_row("overload (2x offered): completed / saturated", f"{over['ok_per_s']:.1f} / {e2e32:.1f} = **{over['ok_per_s'] / e2e32:.2f}x**", ">= 0.9x", over["ok_per_s"] >= 0.9 * e2e32))
         rows.append(ratio_row("overload: time to 503, p99", f"{over['lat_503']['p(99)']:.1f} ms ({over['refused']} refused)", "<= 5 ms", over["refused"] > 0 and over["lat_503"]["p(99)"] <= 5))
         rows.append(ratio_row("overload: accepted p99 / RSS before -> after", f"{over['lat_ok']['p(99)']:.0f} ms / {over['rss_before_mb']:.0f} -> {over['rss_after_mb']:.0f} MB", "bounded, flat", over["rss_after_mb"] < over["rss_before_mb"] * 1.5 + 50))
-    rows.append(f"| GPU: CUDA fp16, ResNet-50, end-to-end / raw forward | not measured: {'no CUDA device on this machine' if not r.get('cuda') else 'see below'} | >= 0.8x | not measured |")
+    rows.append("| GPU: CUDA fp16, ResNet-50, end-to-end / raw forward | not on this machine (no CUDA device): `make bench-cuda` "
+                "on one H200, see [CUDA](#cuda-one-gpu) below | >= 0.8x | see below |")
     if r.get("startup_s"):
         startup = max(r["startup_s"])
         rows.append(ratio_row("process start to healthy (ResNet-18, CPU, warm-up included)", f"{startup:.2f} s (worst of {len(r['startup_s'])})", "<= 3 s", startup <= 3))
