@@ -21,14 +21,14 @@ use common::{png_chunk, zlib_stored};
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::Cursor;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
 use image::{DynamicImage, ImageBuffer, ImageFormat};
 use proptest::prelude::*;
 use proptest::sample::Index;
-use proptest::test_runner::{Config, RngAlgorithm, TestCaseError, TestRng, TestRunner};
+use proptest::test_runner::TestCaseError;
 use tch_serve::error::ApiError;
 use tch_serve::preprocess::Preprocessor;
 
@@ -78,36 +78,10 @@ fn preprocessor() -> Preprocessor {
     Preprocessor::new(256, 224, MAX_PIXELS)
 }
 
-/// `PROPTEST_CASES` when set, else this property's default.
-fn cases(default: u32) -> u32 {
-    std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
+/// Shrinking a failing case stops after this many steps (decoding one input is fast).
+const MAX_SHRINK_ITERS: u32 = 2000;
 
-fn runner(default_cases: u32) -> TestRunner {
-    let config = Config {
-        cases: cases(default_cases),
-        failure_persistence: None,
-        max_shrink_iters: 2_000,
-        ..Config::default()
-    };
-    match std::env::var("FUZZ_SEED")
-        .ok()
-        .and_then(|s| s.parse::<u64>().ok())
-    {
-        Some(seed) => {
-            let mut bytes = [0u8; 32];
-            bytes[..8].copy_from_slice(&seed.to_le_bytes());
-            TestRunner::new_with_rng(config, TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
-        }
-        None => TestRunner::new(config),
-    }
-}
-
-/// Runs `property` over `strategy`, tallying the outcomes it reports, and prints the count,
-/// the time and the tally.
+/// Runs `property` over `strategy`, tallying the outcomes it reports (see common::fuzzing).
 fn fuzz<S: Strategy>(
     name: &str,
     default_cases: u32,
@@ -116,25 +90,7 @@ fn fuzz<S: Strategy>(
 ) where
     S::Value: std::fmt::Debug,
 {
-    let tally = RefCell::new(BTreeMap::<&'static str, u32>::new());
-    let mut runner = runner(default_cases);
-    let start = Instant::now();
-    let result = runner.run(&strategy, |input| {
-        let outcome = property(input)?;
-        *tally.borrow_mut().entry(outcome).or_default() += 1;
-        Ok(())
-    });
-    let took = start.elapsed();
-    let executed: u32 = tally.borrow().values().sum();
-    println!(
-        "FUZZ: {name}: {executed} cases in {:.1} s ({:.0}/s); outcomes {:?}",
-        took.as_secs_f64(),
-        f64::from(executed) / took.as_secs_f64().max(1e-9),
-        tally.borrow()
-    );
-    if let Err(e) = result {
-        panic!("{name}: {e}");
-    }
+    common::fuzzing::fuzz(name, default_cases, MAX_SHRINK_ITERS, strategy, property);
 }
 
 /// The property of the preprocessing path for one input.

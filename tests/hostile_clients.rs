@@ -18,6 +18,17 @@ fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count())
 }
 
+/// Waits until the process holds no more than two file descriptors beyond `before` (all the
+/// clients' sockets closed on both sides), and prints how many it holds then.
+async fn fds_come_back(label: &str, before: usize) {
+    assert!(
+        eventually(Duration::from_secs(20), || open_fds() <= before + 2).await,
+        "{label}: fds {before} before, {} after",
+        open_fds()
+    );
+    println!("{label}: fds {} after the clients left", open_fds());
+}
+
 fn value(metrics: &tch_serve::telemetry::Metrics, series: &str) -> Option<f64> {
     metric(&metrics.render(), series)
 }
@@ -170,12 +181,7 @@ async fn slow_uploads_do_not_lock_out_other_clients() {
         ) == Some(0.0))
         .await
     );
-    assert!(
-        eventually(Duration::from_secs(20), || open_fds() <= fds_before + 2).await,
-        "fds {fds_before} before, {} after",
-        open_fds()
-    );
-    println!("SLOW UPLOADS: fds {} after they left", open_fds());
+    fds_come_back("SLOW UPLOADS", fds_before).await;
     stop.cancel();
     serving.await.unwrap().unwrap();
 }
@@ -373,12 +379,7 @@ async fn thousands_of_half_open_connections_do_not_lock_out_a_normal_client() {
         "{:?} still open",
         value(&metrics, "tch_serve_connections_open")
     );
-    assert!(
-        eventually(Duration::from_secs(20), || open_fds() <= fds_before + 2).await,
-        "fds {fds_before} before, {} after",
-        open_fds()
-    );
-    println!("SLOWLORIS: fds {} after the clients left", open_fds());
+    fds_come_back("SLOWLORIS", fds_before).await;
     stop.cancel();
     serving.await.unwrap().unwrap();
 }

@@ -17,6 +17,8 @@ use tch_serve::config::{Cli, ServeConfig};
 use tch_serve::model::{Backend, Classifier, Loaded, ModelSpec};
 use tower::ServiceExt;
 
+pub mod fuzzing;
+
 pub const INPUT: u32 = 32;
 
 /// Default settings plus `args`, as the command line would give them.
