@@ -60,7 +60,7 @@ TORCHSERVE_WORK = os.path.join(ROOT, "target", "torchserve")
 PHONE_DIR = os.path.join(ROOT, "target", "phone-photos")
 OUT = os.path.join(ROOT, "bench", "out")
 
-PARTS = ["raw", "tch", "bf16", "sweep", "peers", "phone", "v2"]
+PARTS = ["raw", "tch", "bf16", "sweep", "peers", "phone", "v2", "int8"]
 # Batch policy and thread budget variants measured against the defaults (flags of `serve`).
 SWEEP = [
     ("defaults (max batch 8, delay 0 ms)", []),
@@ -652,6 +652,65 @@ def part_v2(ctx: dict, results: dict) -> None:
     results.setdefault("rows", []).extend(rows)
 
 
+def part_int8(ctx: dict, results: dict) -> None:
+    """The model quantized to int8 (models/export.py --quantize int8, exported into target/ when
+    missing) against its fp32 original: raw forward pass and end-to-end, one after the other in
+    this part, so the ratios are of the same minutes."""
+    md, photos, dur, vus = ctx["model_dir"], ctx["photos"], ctx["seconds"], ctx["vus"]
+    int8_dir = os.path.join(ROOT, "target", "models", os.path.basename(md) + "_int8")
+    if not os.path.exists(os.path.join(int8_dir, "model.pt")):
+        log(f"exporting the int8 model to {int8_dir}")
+        subprocess.run([sys.executable, os.path.join(ROOT, "models", "export.py"), "--arch", os.path.basename(md),
+                        "--quantize", "int8", "--out", int8_dir, "--force"], check=True, stdout=subprocess.DEVNULL)
+    log("int8 against fp32 (raw forward, then each server):")
+    out: dict = {"model_dir": int8_dir, "raw": {}, "rows": []}
+    for name, d in (("fp32", md), ("int8", int8_dir)):
+        out["raw"][name] = raw_forward(d, "fp32", [1, 4, 8], ctx["forward_seconds"])
+        log(f"  raw {name}: " + ", ".join(f"b{r['batch']} {r['images_per_s']:.1f}/s" for r in out["raw"][name]))
+    for name, d in (("tch-serve fp32", md), ("tch-serve int8", int8_dir)):
+        server = start_tch(d, name=name)
+        try:
+            out["rows"].append({**server_suite(server, photos, vus, dur), "workload": "small"})
+        finally:
+            stop(server)
+    results["int8"] = out
+
+
+def int8_section(r: dict) -> list[str]:
+    q = r.get("int8")
+    if not q:
+        return []
+    best = {k: max(x["images_per_s"] for x in v) for k, v in q["raw"].items()}
+    fp32, int8 = q["rows"]
+    e2e = int8["sat"]["ok_per_s"] / fp32["sat"]["ok_per_s"]
+    md = [
+        "## int8 (post-training static quantization)",
+        "",
+        f"`models/export.py --quantize int8` (x86/fbgemm kernels, calibrated on photos) of the same model, served from "
+        f"`{os.path.relpath(q['model_dir'], ROOT)}` with the defaults; raw forward passes and servers measured one after "
+        "the other in this part" + (f" (at {r['int8_when']}, after the rest of this report)" if r.get("int8_when") else "")
+        + ". Top-1 agreement and accuracy on the pretrained model: `bench/quantized.py` (see the appendix).",
+        "",
+        "| batch | raw fp32 images/s | raw int8 images/s | int8 / fp32 |",
+        "| --- | --- | --- | --- |",
+    ]
+    for a, b in zip(q["raw"]["fp32"], q["raw"]["int8"]):
+        md.append(f"| {a['batch']} | {a['images_per_s']:.1f} | {b['images_per_s']:.1f} | {b['images_per_s'] / a['images_per_s']:.2f}x |")
+    md += [
+        "",
+        "| server | saturated images/s | idle p50 (ms) | saturated p99 (ms) | RSS loaded (MB) |",
+        "| --- | --- | --- | --- | --- |",
+        *[f"| {x['name']} | {x['sat']['ok_per_s']:.1f} | {x['idle']['lat_ok']['med']:.1f} | {x['sat']['lat_ok']['p(99)']:.0f} | "
+          f"{x['rss_loaded_mb']:.0f} |" for x in q["rows"]],
+        "",
+        f"int8 / fp32: raw forward (best batch) {best['int8']:.1f} / {best['fp32']:.1f} = **{best['int8'] / best['fp32']:.2f}x**; "
+        f"end-to-end **{e2e:.2f}x** (target on an AVX2-only CPU: >= 1.8x; this CPU: "
+        f"{'has' if 'avx512_vnni' in r.get('cpu_info', {}).get('flags_present', []) else 'lacks'} AVX512-VNNI).",
+        "",
+    ]
+    return md
+
+
 def phone_sets() -> dict[str, list[str]]:
     sets = {size: sorted(glob.glob(os.path.join(PHONE_DIR, size, "*.jpg"))) for size in ("3mp", "12mp")}
     if not all(sets.values()):
@@ -698,13 +757,13 @@ def part_phone(ctx: dict, results: dict) -> None:
 
 
 PART_FUNCS = {"raw": part_raw, "tch": part_tch, "bf16": part_bf16, "sweep": part_sweep, "peers": part_peers,
-              "phone": part_phone, "v2": part_v2}
+              "phone": part_phone, "v2": part_v2, "int8": part_int8}
 
 
 def check_ready(parts: list[str]) -> list[str]:
     """What is missing for the chosen parts: every missing piece is an error, none is skipped."""
     missing = []
-    if not os.path.exists(BIN) and {"tch", "bf16", "sweep", "phone", "v2"} & set(parts):
+    if not os.path.exists(BIN) and {"tch", "bf16", "sweep", "phone", "v2", "int8"} & set(parts):
         missing.append(f"{BIN} (make build)")
     if "raw" in parts:
         missing += [f"{p} (cargo build --release --examples)" for p in (FORWARD, PREPROCESS) if not os.path.exists(p)]
@@ -1053,6 +1112,7 @@ def write_report(r: dict) -> None:
             "",
         ]
     md += phone_section(r)
+    md += int8_section(r)
     v2 = r.get("v2") or []
     if v2:
         base = v2[0]["sat"]["ok_per_s"]
