@@ -86,7 +86,7 @@ pub const SUPPORTED_FORMATS: [ImageFormat; 5] = [
 
 /// Progressive scans libjpeg-turbo reads before it gives up on a JPEG: a crafted progressive
 /// JPEG with thousands of tiny scans would otherwise cost seconds of CPU (real photos have at
-/// most a few dozen). Such a JPEG then goes to the full decode, which has its own limits.
+/// most a few dozen). Such a JPEG then takes the full decode, as every JPEG does with `off`.
 const MAX_PROGRESSIVE_SCANS: u32 = 500;
 
 /// A JPEG decoded by libjpeg-turbo at the smallest DCT scale of 1/8, 1/4 and 1/2 that keeps its
