@@ -133,7 +133,12 @@ fn caught<T>(f: impl FnOnce() -> T) -> (T, usize) {
     DECODER_PANICS.store(0, Relaxed);
     std::panic::set_hook(Box::new(|info| {
         let file = info.location().map(|l| l.file()).unwrap_or("");
-        let ours = !file.contains(".cargo/registry") && !file.contains("/rustc/");
+        // Dependencies live under $CARGO_HOME/registry/src (or git/checkouts), wherever
+        // CARGO_HOME is; the standard library under /rustc/.
+        let dependency = ["/registry/src/", "/git/checkouts/", "/rustc/"]
+            .iter()
+            .any(|d| file.contains(d));
+        let ours = !dependency;
         if ours || file.is_empty() {
             eprintln!("{info}");
             std::process::abort();
