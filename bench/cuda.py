@@ -22,7 +22,6 @@ import argparse
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -33,6 +32,8 @@ import http.client
 import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from run import stage_delta, stage_means  # noqa: E402  (standard library only, as here)
 ROOT = os.path.dirname(HERE)
 
 
@@ -73,25 +74,6 @@ def http_get(url: str, timeout: float = 2.0) -> tuple[int, bytes]:
             return r.status, r.read()
     except Exception:  # noqa: BLE001 - any failure means "not yet"
         return 0, b""
-
-
-def stage_sums(port: int) -> dict:
-    _, body = http_get(f"http://127.0.0.1:{port}/metrics")
-    text = body.decode(errors="replace")
-    out = {}
-    for stage in ("queue_wait_seconds", "preprocess_duration_seconds", "inference_duration_seconds", "batch_size"):
-        s = sum(float(v) for v in re.findall(rf"^tch_serve_{stage}_sum(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
-        c = sum(float(v) for v in re.findall(rf"^tch_serve_{stage}_count(?:\{{[^}}]*\}})? (\S+)$", text, re.M))
-        out[stage] = (s, c)
-    return out
-
-
-def stage_means(before: dict, after: dict) -> dict:
-    res = {}
-    for k in before:
-        ds, dc = after[k][0] - before[k][0], after[k][1] - before[k][1]
-        res[k] = ds / dc if dc else None
-    return res
 
 
 # ---------------------------------------------------------------- load generator
@@ -338,12 +320,12 @@ def main() -> int:
             sets.append(("12mp", photos_in(a.phone)))
         for name, photos in sets:
             for clients in [int(c) for c in a.clients.split(",")]:
-                before, cpu0, t0 = stage_sums(a.port), cpu_seconds(proc.pid), time.time()
+                before, cpu0, t0 = stage_means(a.port), cpu_seconds(proc.pid), time.time()
                 with GpuSampler() as gpu:
                     r = drive(a.port, photos, clients, a.seconds, a.client_procs)
                 cpu1, dt = cpu_seconds(proc.pid), time.time() - t0
                 ncpu = len(os.sched_getaffinity(0))
-                r.update(photos=name, gpu_util=gpu.mean(), stages=stage_means(before, stage_sums(a.port)),
+                r.update(photos=name, gpu_util=gpu.mean(), stages=stage_delta(before, stage_means(a.port)),
                          server_cpu_share=round((cpu1[0] - cpu0[0]) / dt / ncpu, 3),
                          machine_cpu_share=round((cpu1[1] - cpu0[1]) / dt / ncpu, 3))
                 log(json.dumps(r))
@@ -381,11 +363,11 @@ def main() -> int:
         st = r["stages"]
 
         def ms(v):
-            return f"{v * 1000:.2f}" if v is not None else "-"
+            return f"{v * 1000:.2f}" if v == v else "-"  # NaN: no image in the phase
 
         lines.append(
             f"| {r['photos']} | {r['clients']} | {r['images_per_s']:.0f} | {r['images_per_s'] / best_raw:.2f}x | {r['p50_ms']} | "
-            f"{r['p99_ms']} | {st['batch_size'] or 0:.1f} | {ms(st['preprocess_duration_seconds'])} | "
+            f"{r['p99_ms']} | {st['batch_size']:.1f} | {ms(st['preprocess_duration_seconds'])} | "
             f"{ms(st['inference_duration_seconds'])} | {r['gpu_util']} | {r['server_cpu_share']:.0%} / {r['client_cpu_share']:.0%} / {r['machine_cpu_share']:.0%} | {r['errors']} |")
     lines += ["", f"Idle latency (1 client, small photos): p50 {res['idle']['p50_ms']} ms, p99 {res['idle']['p99_ms']} ms; "
               f"raw batch-1 forward {1000 / raw[a.precision][0]['images_per_s']:.2f} ms."]
