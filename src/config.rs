@@ -216,16 +216,76 @@ pub struct ServeConfig {
     /// idle timeout of any load balancer in front (60 s for most), or it answers 502s.
     #[arg(long, env = "TCH_SERVE_KEEP_ALIVE_TIMEOUT_SECS", default_value_t = 75)]
     pub keep_alive_timeout_secs: u64,
+    /// Seconds a finished response may wait on its client to take it (an HTTP/2 client that
+    /// keeps its flow-control window shut, a client that stops reading); beyond, the
+    /// connection is closed.
+    #[arg(long, env = "TCH_SERVE_SEND_TIMEOUT_SECS", default_value_t = 20)]
+    pub send_timeout_secs: u64,
+    /// HTTP/2 (both ports): requests one connection may have in flight at once; the client is
+    /// told in its SETTINGS, and a stream beyond it is refused.
+    #[arg(
+        long,
+        env = "TCH_SERVE_HTTP2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 128
+    )]
+    pub http2_max_concurrent_streams: u32,
+    /// HTTP/2: largest header list of a request, in bytes (decoded, as HPACK counts it);
+    /// beyond it the request gets 431 and CONTINUATION frames past it end the connection.
+    #[arg(long, env = "TCH_SERVE_HTTP2_MAX_HEADER_LIST_BYTES", default_value_t = 16 * 1024)]
+    pub http2_max_header_list_bytes: u32,
+    /// HTTP/2: largest frame the client may send, in bytes (16384 to 16777215).
+    #[arg(long, env = "TCH_SERVE_HTTP2_MAX_FRAME_BYTES", default_value_t = 16 * 1024)]
+    pub http2_max_frame_bytes: u32,
+    /// HTTP/2: streams a client may cancel (RST_STREAM) on one connection within 10 s, and
+    /// streams the server may reset for its errors; beyond, the connection is closed (the
+    /// "rapid reset" attack).
+    #[arg(long, env = "TCH_SERVE_HTTP2_MAX_RESETS", default_value_t = 100)]
+    pub http2_max_resets: u32,
+    /// HTTP/2: flow-control window of each request stream, in bytes: how much of an upload
+    /// the client may send before the server has read it.
+    #[arg(long, env = "TCH_SERVE_HTTP2_STREAM_WINDOW_BYTES", default_value_t = 1024 * 1024)]
+    pub http2_stream_window_bytes: u32,
+    /// HTTP/2: flow-control window of each connection, in bytes, shared by its streams; it
+    /// bounds what one connection can make the server buffer.
+    #[arg(long, env = "TCH_SERVE_HTTP2_CONNECTION_WINDOW_BYTES", default_value_t = 2 * 1024 * 1024)]
+    pub http2_connection_window_bytes: u32,
+    /// HTTP/2: seconds between keep-alive PINGs on a connection (0: none); a connection whose
+    /// client does not answer within --http2-keep-alive-timeout-secs is closed.
+    #[arg(
+        long,
+        env = "TCH_SERVE_HTTP2_KEEP_ALIVE_INTERVAL_SECS",
+        default_value_t = 30
+    )]
+    pub http2_keep_alive_interval_secs: u64,
+    /// HTTP/2: seconds a client has to answer a keep-alive PING.
+    #[arg(
+        long,
+        env = "TCH_SERVE_HTTP2_KEEP_ALIVE_TIMEOUT_SECS",
+        default_value_t = 10
+    )]
+    pub http2_keep_alive_timeout_secs: u64,
     /// API keys that inference, model control and every route but /live, /health and /metrics
     /// then need, as `Authorization: Bearer <key>` (repeatable; in the environment,
     /// comma-separated). Never logged.
     #[arg(long = "api-key", env = "TCH_SERVE_API_KEY", value_delimiter = ',', hide_env_values = true, value_parser = crate::auth::ApiKey::from_arg)]
     #[serde(rename = "api_keys", serialize_with = "crate::auth::redact_keys")]
     pub api_keys: Vec<crate::auth::ApiKey>,
-    /// A file of API keys, one per line (blank lines and lines starting with # are skipped), read
-    /// at start-up; adds to --api-key.
+    /// A file of API keys, one per line (blank lines and lines starting with # are skipped);
+    /// adds to --api-key. Read again when it changes (see --api-key-file-poll-secs) and on
+    /// SIGHUP, with no restart.
     #[arg(long, env = "TCH_SERVE_API_KEY_FILE")]
     pub api_key_file: Option<PathBuf>,
+    /// Seconds between checks of --api-key-file for a change (0: only on SIGHUP).
+    #[arg(long, env = "TCH_SERVE_API_KEY_FILE_POLL_SECS", default_value_t = 5)]
+    pub api_key_file_poll_secs: u64,
+    /// Seconds a key removed from --api-key-file stays valid after the change is read, so that
+    /// clients can move to the new key with no request refused.
+    #[arg(
+        long,
+        env = "TCH_SERVE_API_KEY_ROTATION_GRACE_SECS",
+        default_value_t = 300
+    )]
+    pub api_key_rotation_grace_secs: u64,
     /// With API keys, /metrics needs one too.
     #[arg(long, env = "TCH_SERVE_PROTECT_METRICS")]
     pub protect_metrics: bool,
@@ -287,6 +347,31 @@ impl ServeConfig {
         }
     }
 
+    /// The connection discipline of both front doors.
+    pub fn connection_limits(&self) -> crate::server::listener::ConnectionLimits {
+        crate::server::listener::ConnectionLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            keep_alive_timeout: Duration::from_secs(self.keep_alive_timeout_secs),
+            send_timeout: Duration::from_secs(self.send_timeout_secs),
+            http2: self.http2_limits(),
+        }
+    }
+
+    pub fn http2_limits(&self) -> crate::server::listener::Http2Limits {
+        crate::server::listener::Http2Limits {
+            max_concurrent_streams: self.http2_max_concurrent_streams,
+            max_header_list_bytes: self.http2_max_header_list_bytes,
+            max_frame_bytes: self.http2_max_frame_bytes,
+            max_resets: self.http2_max_resets,
+            stream_window_bytes: self.http2_stream_window_bytes,
+            connection_window_bytes: self.http2_connection_window_bytes,
+            keep_alive_interval: (self.http2_keep_alive_interval_secs > 0)
+                .then(|| Duration::from_secs(self.http2_keep_alive_interval_secs)),
+            keep_alive_timeout: Duration::from_secs(self.http2_keep_alive_timeout_secs),
+        }
+    }
+
     /// Cross-field checks; the message names the flags to change.
     pub fn validate(&self) -> Result<(), String> {
         self.model_defaults().validate(
@@ -309,6 +394,10 @@ impl ServeConfig {
         if self.keep_alive_timeout_secs == 0 {
             return Err("--keep-alive-timeout-secs must be at least 1".into());
         }
+        if self.send_timeout_secs == 0 {
+            return Err("--send-timeout-secs must be at least 1".into());
+        }
+        self.http2_limits().validate()?;
         if self.max_upload_memory_bytes < self.max_body_bytes {
             return Err(format!(
                 "--max-upload-memory-bytes ({}) must be at least --max-body-bytes ({}), or a body of the largest size could never be received",

@@ -157,6 +157,7 @@ impl From<PipelineError> for ApiError {
             PipelineError::Overloaded { .. } => Self::Overloaded(e.to_string()),
             PipelineError::Unavailable { .. } => Self::Unavailable(e.to_string()),
             PipelineError::Preprocess(p) => p.into(),
+            PipelineError::WrongTensor(m) => Self::BadRequest(m),
             PipelineError::InferenceFailed { detail } => {
                 // Logged once, here; the client gets no internal detail.
                 tracing::error!(error = %detail, "inference failed");

@@ -197,8 +197,8 @@ pub struct Metrics {
     pub rejections: IntCounterVec,
     pub ready: IntGauge,
     pub build_info: IntGaugeVec,
-    pub connections_open: IntGauge,
-    pub connections: IntCounter,
+    pub connections_open: IntGaugeVec,
+    pub connections: IntCounterVec,
     pub connections_refused: IntCounterVec,
     pub decode_memory: IntGauge,
     pub decode_memory_budget: IntGauge,
@@ -207,6 +207,8 @@ pub struct Metrics {
     pub uploads_in_progress: IntGauge,
     pub upload_buffered_bytes: IntGauge,
     pub upload_budget_bytes: IntGauge,
+    pub api_key_reloads: IntCounterVec,
+    pub api_keys: IntGaugeVec,
     // Per model (label `model`).
     queue_wait: HistogramVec,
     preprocess_duration: HistogramVec,
@@ -293,20 +295,20 @@ impl Metrics {
                 "Always 1; labels describe the build and the CPU features that matter to inference.",
                 &["version", "libtorch", "cpu_features"],
             ),
-            connections_open: IntGauge::new(
+            connections_open: gauge(
                 "tch_serve_connections_open",
-                "Client connections open now.",
-            )
-            .expect("valid gauge"),
-            connections: IntCounter::new(
+                "Client connections open now, by front door (http, grpc).",
+                &["door"],
+            ),
+            connections: counter(
                 "tch_serve_connections_total",
-                "Client connections accepted.",
-            )
-            .expect("valid counter"),
+                "Client connections accepted, by front door (http, grpc).",
+                &["door"],
+            ),
             connections_refused: counter(
                 "tch_serve_connections_refused_total",
-                "Client connections closed as soon as accepted, by reason (max_connections: every open connection was busy).",
-                &["reason"],
+                "Client connections closed as soon as accepted, by front door and reason (max_connections: every open connection was busy).",
+                &["door", "reason"],
             ),
             decode_memory: IntGauge::new(
                 "tch_serve_decode_memory_bytes",
@@ -320,13 +322,13 @@ impl Metrics {
             .expect("valid gauge"),
             connections_closed: counter(
                 "tch_serve_connections_closed_total",
-                "Client connections closed by the server while waiting on the client, by reason: header_timeout, idle (keep-alive timeout), evicted (to make room for a new connection at --max-connections).",
-                &["reason"],
+                "Client connections closed by the server while waiting on the client, by front door and reason: header_timeout, idle (keep-alive timeout), send_timeout (a response not taken), evicted (to make room for a new connection at --max-connections), reset_flood (too many HTTP/2 streams cancelled).",
+                &["door", "reason"],
             ),
             connections_by_state: gauge(
                 "tch_serve_connections_by_state",
-                "Client connections open now, by state: headers (a request's headers being received, or none yet), idle (keep-alive, between requests), busy (a request being received or served).",
-                &["state"],
+                "Client connections open now, by front door and state: headers (a request's headers being received, or none yet), idle (keep-alive, between requests), busy (a request being received or served), sending (responses waiting on the client to take them).",
+                &["door", "state"],
             ),
             uploads_in_progress: IntGauge::new(
                 "tch_serve_uploads_in_progress",
@@ -343,6 +345,16 @@ impl Metrics {
                 "Memory that request bodies being received may take (--max-upload-memory-bytes).",
             )
             .expect("valid gauge"),
+            api_key_reloads: counter(
+                "tch_serve_api_key_reloads_total",
+                "Reads of --api-key-file after start-up (on a change or SIGHUP), by outcome: changed, unchanged, failed (the keys in use are kept).",
+                &["outcome"],
+            ),
+            api_keys: gauge(
+                "tch_serve_api_keys",
+                "API keys valid now, by state: active, retiring (removed from --api-key-file, valid until --api-key-rotation-grace-secs has passed).",
+                &["state"],
+            ),
             queue_wait: histogram(
                 "tch_serve_queue_wait_seconds",
                 "Time an image waited in its model's queue before its batch started.",
@@ -441,6 +453,8 @@ impl Metrics {
             Box::new(m.uploads_in_progress.clone()),
             Box::new(m.upload_buffered_bytes.clone()),
             Box::new(m.upload_budget_bytes.clone()),
+            Box::new(m.api_key_reloads.clone()),
+            Box::new(m.api_keys.clone()),
             Box::new(m.queue_wait.clone()),
             Box::new(m.preprocess_duration.clone()),
             Box::new(m.inference_duration.clone()),
@@ -460,13 +474,20 @@ impl Metrics {
             m.registry.register(c).expect("metric names are unique");
         }
         // Every reason and state from the start, at 0, so that rates and alerts have a series.
-        m.connections_refused
-            .with_label_values(&["max_connections"]);
-        for reason in ["header_timeout", "idle", "evicted"] {
-            m.connections_closed.with_label_values(&[reason]);
+        for door in ["http", "grpc"] {
+            m.connections_open.with_label_values(&[door]);
+            m.connections.with_label_values(&[door]);
+            m.connections_refused
+                .with_label_values(&[door, "max_connections"]);
+            for reason in crate::server::listener::closed_reasons() {
+                m.connections_closed.with_label_values(&[door, reason]);
+            }
+            for state in crate::server::listener::connection_states() {
+                m.connections_by_state.with_label_values(&[door, state]);
+            }
         }
-        for state in ["headers", "idle", "busy"] {
-            m.connections_by_state.with_label_values(&[state]);
+        for outcome in ["changed", "unchanged", "failed"] {
+            m.api_key_reloads.with_label_values(&[outcome]);
         }
         #[cfg(target_os = "linux")]
         m.registry

@@ -290,3 +290,125 @@ fn keys_from_the_environment_are_comma_separated() {
     );
     assert!(text.contains("1 passed"), "{text}");
 }
+
+/// A key rotation under load, as an operator does it: the new key added to the file, clients
+/// moved to it, the old key removed. Four clients send requests all along, each with the key
+/// it holds; not one request is refused, the server is never restarted, and once the grace has
+/// passed the old key is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_rotate_under_load_with_no_request_refused() {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    // As a Kubernetes Secret is updated: a new file put in place whole.
+    let put = |text: &str| {
+        let tmp = dir.path().join("keys.tmp");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, &file).unwrap();
+    };
+    put(&format!("{KEY_A}\n"));
+    let server = fake_server(
+        &[
+            "--api-key-file",
+            file.to_str().unwrap(),
+            "--api-key-file-poll-secs",
+            "1",
+            "--api-key-rotation-grace-secs",
+            "3",
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let metrics = server.state.metrics.clone();
+    let (addr, stop, serving) = serve_on_socket(server.server).await;
+    let keys: Vec<Arc<Mutex<&'static str>>> = (0..4).map(|_| Arc::new(Mutex::new(KEY_A))).collect();
+    let (ok, failed, running) = (
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicUsize::new(0)),
+        Arc::new(AtomicBool::new(true)),
+    );
+    let clients: Vec<_> = keys
+        .iter()
+        .map(|key| {
+            let (key, ok, failed, running) =
+                (key.clone(), ok.clone(), failed.clone(), running.clone());
+            tokio::spawn(async move {
+                let http = reqwest::Client::new();
+                while running.load(Ordering::Acquire) {
+                    let k = *key.lock().unwrap();
+                    let r = http
+                        .post(format!("http://{addr}/predict"))
+                        .header("content-type", "image/png")
+                        .header("authorization", format!("Bearer {k}"))
+                        .body(png(1))
+                        .send()
+                        .await;
+                    match r {
+                        Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                        _ => failed.fetch_add(1, Ordering::Relaxed),
+                    };
+                }
+            })
+        })
+        .collect();
+    let changed = || {
+        metric(
+            &metrics.render(),
+            "tch_serve_api_key_reloads_total{outcome=\"changed\"}",
+        )
+        .unwrap_or(0.0)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // 1. The new key joins the old one; half the clients move to it once it is read.
+    put(&format!("{KEY_A}\n{KEY_B}\n"));
+    assert!(eventually(Duration::from_secs(10), || changed() == 1.0).await);
+    for k in &keys[..2] {
+        *k.lock().unwrap() = KEY_B;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // 2. The old key leaves the file: clients still on it are served during the grace.
+    put(&format!("{KEY_B}\n"));
+    assert!(eventually(Duration::from_secs(10), || changed() == 2.0).await);
+    assert_eq!(
+        metric(&metrics.render(), "tch_serve_api_keys{state=\"retiring\"}"),
+        Some(1.0)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for k in &keys[2..] {
+        *k.lock().unwrap() = KEY_B;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    running.store(false, Ordering::Release);
+    for c in clients {
+        c.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    println!("rotation under load: {ok} requests served, {failed} refused or failed");
+    assert_eq!(failed, 0);
+    assert!(ok > 20, "{ok}");
+    // 3. After the grace, the old key is refused.
+    let status = |key: &'static str| async move {
+        reqwest::Client::new()
+            .get(format!("http://{addr}/models"))
+            .header("authorization", format!("Bearer {key}"))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let mut refused = false;
+    for _ in 0..100 {
+        if status(KEY_A).await == 401 {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(refused, "the old key outlived its grace");
+    assert_eq!(status(KEY_B).await, 200);
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}

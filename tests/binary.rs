@@ -70,6 +70,21 @@ mod reqwest {
     }
 }
 
+/// The status of `GET /models` with `Authorization: Bearer <key>`.
+fn status_with_key(port: u16, key: &str) -> Option<u16> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET /models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).ok()?;
+    buf.split(' ').nth(1)?.parse().ok()
+}
+
 fn wait_healthy(port: u16, child: &mut Child, limit: Duration) -> Duration {
     let start = Instant::now();
     loop {
@@ -274,4 +289,56 @@ fn bad_settings_fail_at_start_up_naming_the_flags() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--device"));
+}
+
+/// SIGHUP reads `--api-key-file` again, with no restart: the new key works at once, the
+/// removed one for the rotation grace only, and the process keeps serving (SIGHUP's default
+/// action would end it).
+#[test]
+fn sighup_rotates_the_api_keys() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("keys");
+    std::fs::write(&file, "key-before-rotation\n").unwrap();
+    let port = free_port();
+    let mut child = spawn(
+        port,
+        &[
+            "--api-key-file",
+            file.to_str().unwrap(),
+            "--api-key-file-poll-secs",
+            "0",
+            "--api-key-rotation-grace-secs",
+            "2",
+        ],
+    );
+    wait_healthy(port, &mut child, Duration::from_secs(60));
+    assert_eq!(status_with_key(port, "key-before-rotation"), Some(200));
+    assert_eq!(status_with_key(port, "key-after-rotation"), Some(401));
+    std::fs::write(&file, "key-after-rotation\n").unwrap();
+    let rc = Command::new("kill")
+        .args(["-HUP", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(rc.success());
+    let start = Instant::now();
+    while status_with_key(port, "key-after-rotation") != Some(200) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "SIGHUP did not reload the keys"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the server");
+    // Within the grace, the old key still works; then it is refused.
+    assert_eq!(status_with_key(port, "key-before-rotation"), Some(200));
+    while status_with_key(port, "key-before-rotation") != Some(401) {
+        assert!(
+            start.elapsed() < Duration::from_secs(15),
+            "the old key outlived its grace"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(status_with_key(port, "key-after-rotation"), Some(200));
+    sigterm(&child);
+    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
 }

@@ -996,7 +996,10 @@ fn fuzz_raw_requests_over_a_socket() {
     still_serves(addr);
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "panics while fuzzing");
     let closed = rt.block_on(common::eventually(Duration::from_secs(10), || {
-        common::metric(&metrics.render(), "tch_serve_connections_open") == Some(0.0)
+        common::metric(
+            &metrics.render(),
+            "tch_serve_connections_open{door=\"http\"}",
+        ) == Some(0.0)
     }));
     assert!(closed, "connections left open: {}", metrics.render());
     stop.cancel();

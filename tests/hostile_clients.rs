@@ -142,7 +142,7 @@ async fn slow_uploads_do_not_lock_out_other_clients() {
     assert!(
         eventually(Duration::from_secs(20), || value(
             &metrics,
-            "tch_serve_connections_total"
+            "tch_serve_connections_total{door=\"http\"}"
         ) == Some(SLOW as f64))
         .await
     );
@@ -316,11 +316,11 @@ async fn thousands_of_half_open_connections_do_not_lock_out_a_normal_client() {
     assert!(
         eventually(Duration::from_secs(30), || value(
             &metrics,
-            "tch_serve_connections_total"
+            "tch_serve_connections_total{door=\"http\"}"
         ) == Some(n as f64))
         .await,
         "accepted {:?} of {n}",
-        value(&metrics, "tch_serve_connections_total")
+        value(&metrics, "tch_serve_connections_total{door=\"http\"}")
     );
     let opened_in = t0.elapsed();
     let fds_during = open_fds();
@@ -333,11 +333,11 @@ async fn thousands_of_half_open_connections_do_not_lock_out_a_normal_client() {
     assert!(
         eventually(Duration::from_secs(10), || value(
             &metrics,
-            "tch_serve_connections_open"
+            "tch_serve_connections_open{door=\"http\"}"
         ) == Some(CAP as f64))
         .await
     );
-    let open = value(&metrics, "tch_serve_connections_open").unwrap();
+    let open = value(&metrics, "tch_serve_connections_open{door=\"http\"}").unwrap();
     let (status, body, took) = normal_predict(addr).await;
     assert_eq!(
         status, 200,
@@ -347,7 +347,7 @@ async fn thousands_of_half_open_connections_do_not_lock_out_a_normal_client() {
     assert_eq!(health.status(), 200);
     let evicted = value(
         &metrics,
-        "tch_serve_connections_closed_total{reason=\"evicted\"}",
+        "tch_serve_connections_closed_total{door=\"http\",reason=\"evicted\"}",
     )
     .unwrap_or(0.0);
     assert!(
@@ -357,7 +357,7 @@ async fn thousands_of_half_open_connections_do_not_lock_out_a_normal_client() {
     assert_eq!(
         value(
             &metrics,
-            "tch_serve_connections_refused_total{reason=\"max_connections\"}"
+            "tch_serve_connections_refused_total{door=\"http\",reason=\"max_connections\"}"
         )
         .unwrap_or(0.0),
         0.0,
@@ -373,11 +373,11 @@ async fn thousands_of_half_open_connections_do_not_lock_out_a_normal_client() {
     assert!(
         eventually(Duration::from_secs(20), || value(
             &metrics,
-            "tch_serve_connections_open"
+            "tch_serve_connections_open{door=\"http\"}"
         ) == Some(0.0))
         .await,
         "{:?} still open",
-        value(&metrics, "tch_serve_connections_open")
+        value(&metrics, "tch_serve_connections_open{door=\"http\"}")
     );
     fds_come_back("SLOWLORIS", fds_before).await;
     stop.cancel();
@@ -488,14 +488,14 @@ async fn header_timeout_and_keep_alive_timeout_are_separate() {
     assert_eq!(
         value(
             &metrics,
-            "tch_serve_connections_closed_total{reason=\"header_timeout\"}"
+            "tch_serve_connections_closed_total{door=\"http\",reason=\"header_timeout\"}"
         ),
         Some(2.0)
     );
     assert_eq!(
         value(
             &metrics,
-            "tch_serve_connections_closed_total{reason=\"idle\"}"
+            "tch_serve_connections_closed_total{door=\"http\",reason=\"idle\"}"
         ),
         Some(1.0)
     );

@@ -646,3 +646,28 @@ fn a_decode_budget_smaller_than_the_largest_image_is_refused_at_start() {
         "{err}"
     );
 }
+
+/// A library caller's tensor of the wrong size is the caller's mistake: a client error (400
+/// `bad_request`) that names the shape the model takes, never a 500.
+#[tokio::test]
+async fn a_wrongly_sized_tensor_is_a_client_error() {
+    let server = fake_server(&[], Duration::ZERO).await;
+    let pipeline = server.state.repository.resolve(Some("fake")).unwrap();
+    let place = pipeline.admit(1).unwrap().pop().unwrap();
+    let err = pipeline
+        .submit_tensor(place, vec![0.0; 7])
+        .await
+        .unwrap_err();
+    let api = tch_serve::error::ApiError::from(err);
+    assert_eq!(api.status().as_u16(), 400, "{api}");
+    assert_eq!(api.code(), "bad_request");
+    assert!(api.to_string().contains("7 floats"), "{api}");
+    let right = pipeline.tensor_len();
+    let place = pipeline.admit(1).unwrap().pop().unwrap();
+    assert!(
+        pipeline
+            .submit_tensor(place, vec![0.0; right])
+            .await
+            .is_ok()
+    );
+}

@@ -360,10 +360,12 @@ async fn errors_are_grpc_statuses_and_do_no_harm() {
         assert_eq!(e.code(), code, "{what}: {e:?}");
         assert!(!e.message().is_empty(), "{what}");
     }
-    // Over the message size limit (--max-body-bytes): refused by the transport.
+    // Over the message size limit (--max-body-bytes): refused from its length prefix with
+    // RESOURCE_EXHAUSTED (as gRPC's own servers answer), and the channel keeps serving.
     let big = vec![7u8; 100_000];
     let e = c.model_infer(images_request(&[&big])).await.unwrap_err();
-    assert_eq!(e.code(), Code::OutOfRange, "{e:?}");
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+    assert!(e.message().contains("--max-body-bytes"), "{e:?}");
     let r = c.model_infer(ok).await.unwrap().into_inner();
     assert_eq!(r.outputs[0].shape, vec![1, 10], "still serving");
     s.stop.cancel();
@@ -603,4 +605,78 @@ async fn api_key_gates_every_method_but_the_probes() {
     assert!(!r.raw_output_contents.is_empty() || !r.outputs.is_empty());
     running.stop.cancel();
     running.task.await.unwrap().unwrap();
+}
+
+/// A call whose `grpc-timeout` passes while its image waits behind a forward pass is answered
+/// DEADLINE_EXCEEDED then, and its image leaves the queue: it is skipped, never computed.
+#[tokio::test]
+async fn a_call_past_its_deadline_leaves_the_queue() {
+    let gate = Gate::default();
+    let backend = FakeBackend::with(
+        "fake",
+        Behaviour {
+            gate: Some(gate.clone()),
+            ..Default::default()
+        },
+    );
+    let s = start(
+        &["--max-batch-size", "1", "--warmup-iterations", "0"],
+        backend,
+    )
+    .await;
+    let c = client(s.grpc).await;
+    let img = png(3);
+    let mut first_client = c.clone();
+    let first_req = images_request(&[&img]);
+    let first = tokio::spawn(async move { first_client.model_infer(first_req).await });
+    gate.wait_arrived(1).await;
+    // Sent with the `h2` crate: tonic's client would give up at the deadline by itself first,
+    // and this is the server's answer.
+    let tcp = tokio::net::TcpStream::connect(s.grpc).await.unwrap();
+    let (h2c, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let mut h2c = h2c.ready().await.unwrap();
+    let call = axum::http::Request::post(format!(
+        "http://{}/inference.GRPCInferenceService/ModelInfer",
+        s.grpc
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .header("grpc-timeout", "200m")
+    .body(())
+    .unwrap();
+    let message = prost::Message::encode_to_vec(&images_request(&[&img]));
+    let mut framed = vec![0u8];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    let (response, mut body) = h2c.send_request(call, false).unwrap();
+    body.send_data(bytes::Bytes::from(framed), true).unwrap();
+    let response = response.await.unwrap();
+    assert_eq!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"4"[..]),
+        "DEADLINE_EXCEEDED expected: {:?}",
+        response.headers()
+    );
+    gate.open();
+    assert!(first.await.unwrap().is_ok());
+    // The worker skips the image at its next batch.
+    let mut cancelled = None;
+    for _ in 0..100 {
+        let text = reqwest::get(format!("http://{}/metrics", s.http))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        cancelled = metric(&text, r#"tch_serve_cancelled_images_total{model="fake"}"#);
+        if cancelled == Some(1.0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(cancelled, Some(1.0));
+    assert_eq!(gate.arrived(), 1, "the late call's image reached the model");
+    s.stop.cancel();
+    s.task.await.unwrap().unwrap();
 }

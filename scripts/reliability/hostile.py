@@ -8,7 +8,8 @@ its server, default settings):
   the minimum upload rate (--upload-rate-grace-secs, 5 s by default), and the server's open
   file descriptors come back.
 - half-open connections: 3,000 connections each send half a request line and stay, over
-  --max-connections (1024 by default). Newcomers take the place of the connection stuck in its
+  --max-connections (1024 by default); then 3,000 more to the gRPC port, each sending the
+  HTTP/2 preface and stalling (the gRPC door keeps the same cap with its own count). Newcomers take the place of the connection stuck in its
   headers the longest: the normal client, sending requests while they open and after, must
   get only 200s; the server's connections stay at the cap; its file descriptors come back when
   the clients go.
@@ -118,8 +119,29 @@ def slow_uploads(R, server, port: int, photo: bytes, n: int = 200) -> dict:
     return fig
 
 
-def half_open_flood(R, server, port: int, photo: bytes, n: int, cap: int) -> dict:
-    R.note(f"half-open connections: {n} connections send half a request line and stay "
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
+
+
+def h2_settings_answered(R, port: int) -> bool:
+    """A fresh HTTP/2 connection to `port` gets the server's SETTINGS frame: the door accepts
+    and serves (what every gRPC client waits for first)."""
+    try:
+        with socket.create_connection((R.HOST, port), timeout=5) as s:
+            s.sendall(H2_PREFACE)
+            head = s.recv(9)
+            return len(head) == 9 and head[3] == 4
+    except OSError:
+        return False
+
+
+def half_open_flood(R, server, port: int, photo: bytes, n: int, cap: int,
+                    door: str = "http", door_port: int | None = None) -> dict:
+    """`n` connections to the door that stall: half a request line on the HTTP door, the
+    HTTP/2 preface and SETTINGS on the gRPC door. The normal client uses the HTTP door."""
+    door_port = door_port or port
+    hello = H2_PREFACE if door == "grpc" else b"GET /predict HT"
+    what = "send the HTTP/2 preface" if door == "grpc" else "send half a request line"
+    R.note(f"half-open connections ({door} door): {n} connections {what} and stay "
            f"(--max-connections {cap})")
     fds0 = server.fds()
     socks: list[socket.socket] = []
@@ -129,8 +151,8 @@ def half_open_flood(R, server, port: int, photo: bytes, n: int, cap: int) -> dic
     def flood() -> None:
         for _ in range(n):
             try:
-                s = socket.create_connection((R.HOST, port), timeout=5)
-                s.sendall(b"GET /predict HT")
+                s = socket.create_connection((R.HOST, door_port), timeout=5)
+                s.sendall(hello)
                 socks.append(s)
             except OSError as e:
                 errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
@@ -156,12 +178,13 @@ def half_open_flood(R, server, port: int, photo: bytes, n: int, cap: int) -> dic
         during_bad += bad
     open_in = time.monotonic() - t0
     text = metrics(R, port)
-    open_now = R.metric(text, "tch_serve_connections_open")
-    headers_now = R.metric(text, 'tch_serve_connections_by_state{state="headers"}')
+    open_now = R.metric(text, f'tch_serve_connections_open{{door="{door}"}}')
+    headers_now = R.metric(text, f'tch_serve_connections_by_state{{door="{door}",state="headers"}}')
     after, after_bad = normal_client(R, port, photo, 20)
+    door_serves = h2_settings_answered(R, door_port) if door == "grpc" else True
     text = metrics(R, port)
-    evicted = R.metric(text, 'tch_serve_connections_closed_total{reason="evicted"}') or 0
-    refused = R.metric(text, 'tch_serve_connections_refused_total{reason="max_connections"}') or 0
+    evicted = R.metric(text, f'tch_serve_connections_closed_total{{door="{door}",reason="evicted"}}') or 0
+    refused = R.metric(text, f'tch_serve_connections_refused_total{{door="{door}",reason="max_connections"}}') or 0
     fds_during = max(peak["fds"], server.fds())
     health = R.http_status(port, "/health")
     for s in socks:
@@ -187,23 +210,27 @@ def half_open_flood(R, server, port: int, photo: bytes, n: int, cap: int) -> dic
     R.note(f"  normal client: {len(during)} x 200 while they opened, {len(after)} x 200 after, "
            f"others {during_bad + after_bad}; p50 {fig['normal_p50_ms']} ms, max {fig['normal_max_ms']} ms")
     R.note(f"  server fds: {fds0} before, {fds_during} at most during, {fds_after} after")
-    R.check(f"half-open connections: the normal client gets only 200s among {n} of them",
-            not during_bad and not after_bad and len(after) == 20 and health == 200,
-            f"{len(during) + len(after)} x 200, others {during_bad + after_bad}, /health {health}")
+    fig["door"] = door
+    fig["door_serves_a_new_connection"] = door_serves
+    R.check(f"half-open connections ({door} door): the normal client gets only 200s among {n} of them"
+            + (", and a new gRPC connection is served" if door == "grpc" else ""),
+            not during_bad and not after_bad and len(after) == 20 and health == 200 and door_serves,
+            f"{len(during) + len(after)} x 200, others {during_bad + after_bad}, /health {health}, "
+            f"new connection on the door served: {door_serves}")
     # The server keeps --max-connections places, and closes the ones it displaces at once; up
     # to 16 may still be closing when a newcomer is accepted (the scrape of /metrics is one).
-    R.check("half-open connections: the server holds at most --max-connections (+16 closing), "
+    R.check(f"half-open connections ({door} door): the server holds at most --max-connections (+16 closing), "
             "making room by closing the oldest stuck ones (none refused)",
             open_now is not None and open_now <= cap + 16 and evicted >= n - cap and refused == 0,
             f"{open_now} open, {evicted} evicted, {refused} refused")
-    R.check("half-open connections: server fds bounded during (baseline + cap + 16 + 20) and back "
+    R.check(f"half-open connections ({door} door): server fds bounded during (baseline + cap + 16 + 20) and back "
             "near the baseline (+5) after",
             fds_during <= fds0 + cap + 36 and fds_after <= fds0 + 5,
             f"{fds0} -> {fds_during} -> {fds_after}")
     return fig
 
 
-def test_hostile(R, server, port: int, photo: bytes) -> None:
+def test_hostile(R, server, port: int, photo: bytes, grpc_port: int | None = None) -> None:
     limit = raise_fd_limit()
     cap = 1024
     # Each half-open connection is one descriptor here; keep room for the rest.
@@ -213,3 +240,6 @@ def test_hostile(R, server, port: int, photo: bytes) -> None:
         "half_open": half_open_flood(R, server, port, photo, n, cap),
         "open_file_limit": limit,
     }
+    if grpc_port:
+        R.FIGURES["hostile"]["half_open_grpc"] = half_open_flood(
+            R, server, port, photo, n, cap, door="grpc", door_port=grpc_port)

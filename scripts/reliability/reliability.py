@@ -727,8 +727,8 @@ def oversized_header(port: int, size: int) -> tuple[str, float]:
 
 def test_clients(photo: bytes, duration: float) -> None:
     step("c. Slow and broken clients")
-    port = free_port()
-    s = Server("clients", port, ["--warmup-iterations", "2",
+    port, grpc_port = free_port(), free_port()
+    s = Server("clients", port, ["--warmup-iterations", "2", "--grpc-port", str(grpc_port),
                                  "--shutdown-timeout-secs", str(SHUTDOWN_TIMEOUT)]).start()
     s.wait_healthy()
     for _ in range(3):
@@ -786,7 +786,7 @@ def test_clients(photo: bytes, duration: float) -> None:
     check("broken clients: open fds back near the baseline (+5)", fds_after <= fds0 + 5,
           f"{fds0} -> {max(fds_during, fds_peak)} -> {fds_after}")
     # Slow uploads and thousands of half-open connections (scripts/reliability/hostile.py).
-    hostile.test_hostile(sys.modules[__name__], s, port, photo)
+    hostile.test_hostile(sys.modules[__name__], s, port, photo, grpc_port)
     # Shutdown while slowloris clients still hold connections with half-sent headers: the
     # server must still exit, cleanly, within its shutdown timeout (+ 5 s it gives the
     # inference thread).

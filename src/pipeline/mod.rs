@@ -134,6 +134,9 @@ pub enum PipelineError {
     /// Details are for the log, not for the client.
     #[error("the forward pass failed")]
     InferenceFailed { detail: String },
+    /// An input tensor of another shape than the model takes: the caller's mistake.
+    #[error("{0}")]
+    WrongTensor(String),
 }
 
 /// What decoding found out about an image.
@@ -386,13 +389,13 @@ impl Pipeline {
             }),
         };
         if tensor.len() != self.tensor_len() {
-            let _ = reply.send(Err(PipelineError::InferenceFailed {
-                detail: format!(
-                    "{} floats for a tensor of {}",
-                    tensor.len(),
-                    self.tensor_len()
-                ),
-            }));
+            let size = self.meta.input_size;
+            let _ = reply.send(Err(PipelineError::WrongTensor(format!(
+                "an input tensor of {} floats; model {} takes [3, {size}, {size}] ({} floats)",
+                tensor.len(),
+                self.name,
+                self.tensor_len()
+            ))));
             return pending;
         }
         let size = self.meta.input_size;

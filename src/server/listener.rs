@@ -14,15 +14,26 @@
 //!   backend that closes an idle connection first makes the balancer answer 502) while the
 //!   header timeout stays short.
 //! - `busy`: a request is in (its body being received, under the upload deadlines of
-//!   [`crate::api::upload`]) or being served, until its response has been written.
+//!   [`crate::api::upload`]) or being served, until its response is ready.
+//! - `sending`: every response is ready, and some wait on the client to take them (an HTTP/2
+//!   client that keeps its flow-control window shut, a client that stops reading). Closed
+//!   after `--send-timeout-secs`.
 //!
 //! hyper's own `header_read_timeout` runs from the end of a response, idle time included, so it
 //! cannot tell the two timeouts apart: it stays set, as a backstop, to their sum.
 //!
-//! When `--max-connections` are open, a newcomer takes the place of the connection in `headers`
-//! or `idle` that has been so the longest (closed at once, counted `evicted`), as servers shed
-//! slowloris load: connections that make the server wait cannot lock newcomers out. Only when
-//! every connection is `busy` is a newcomer closed at once (counted `max_connections`).
+//! When `--max-connections` are open, a newcomer takes the place of the connection in `headers`,
+//! `idle` or `sending` that has been so the longest (closed at once, counted `evicted`), as
+//! servers shed slowloris load: connections that make the server wait cannot lock newcomers
+//! out. Only when every connection is `busy` is a newcomer closed at once (counted
+//! `max_connections`).
+//!
+//! Both front doors accept through this code, each with its own cap and its own `door` label
+//! in the metrics: `http` (HTTP/1.1 and HTTP/2) and `grpc` (HTTP/2 only). Their HTTP/2 limits
+//! are [`Http2Limits`]: concurrent streams, header list and frame sizes, flow-control windows,
+//! keep-alive PINGs, and a cap on resets: a client that cancels more than `--http2-max-resets`
+//! streams on one connection within [`RESET_WINDOW`] (CVE-2023-44487, "rapid reset") has the
+//! connection closed (counted `reset_flood`).
 
 use std::collections::HashMap;
 use std::io;
@@ -51,6 +62,85 @@ use tower::ServiceExt;
 
 use crate::telemetry::Metrics;
 
+/// One front door: its name in the metrics, and whether it speaks HTTP/2 alone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Door {
+    pub name: &'static str,
+    pub http2_only: bool,
+}
+
+impl Door {
+    pub const HTTP: Door = Door {
+        name: "http",
+        http2_only: false,
+    };
+    pub const GRPC: Door = Door {
+        name: "grpc",
+        http2_only: true,
+    };
+}
+
+/// The span over which a connection's client-cancelled streams are counted.
+pub const RESET_WINDOW: Duration = Duration::from_secs(10);
+
+/// HTTP/2 settings of a door.
+#[derive(Debug, Clone, Copy)]
+pub struct Http2Limits {
+    /// Streams in flight at once on one connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    pub max_concurrent_streams: u32,
+    /// Largest header list of a request (SETTINGS_MAX_HEADER_LIST_SIZE).
+    pub max_header_list_bytes: u32,
+    /// Largest frame the client may send (SETTINGS_MAX_FRAME_SIZE).
+    pub max_frame_bytes: u32,
+    /// Streams the client may cancel within [`RESET_WINDOW`], and the server may reset for
+    /// the client's errors, on one connection.
+    pub max_resets: u32,
+    /// SETTINGS_INITIAL_WINDOW_SIZE, for the streams of uploads.
+    pub stream_window_bytes: u32,
+    /// The connection's window, shared by its streams.
+    pub connection_window_bytes: u32,
+    /// Between keep-alive PINGs; None: no PINGs.
+    pub keep_alive_interval: Option<Duration>,
+    /// Time the client has to answer a PING.
+    pub keep_alive_timeout: Duration,
+}
+
+impl Http2Limits {
+    /// The protocol's own bounds (RFC 9113, section 6.5.2); the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(16_384..=16_777_215).contains(&self.max_frame_bytes) {
+            return Err(format!(
+                "--http2-max-frame-bytes ({}) must be between 16384 and 16777215",
+                self.max_frame_bytes
+            ));
+        }
+        for (flag, v) in [
+            ("--http2-stream-window-bytes", self.stream_window_bytes),
+            (
+                "--http2-connection-window-bytes",
+                self.connection_window_bytes,
+            ),
+        ] {
+            if !(65_535..=i32::MAX as u32).contains(&v) {
+                return Err(format!("{flag} ({v}) must be between 65535 and 2147483647"));
+            }
+        }
+        if self.max_concurrent_streams == 0 {
+            return Err("--http2-max-concurrent-streams must be at least 1".into());
+        }
+        if self.max_header_list_bytes < 1024 {
+            return Err("--http2-max-header-list-bytes must be at least 1024".into());
+        }
+        if self.max_resets == 0 {
+            return Err("--http2-max-resets must be at least 1".into());
+        }
+        if self.keep_alive_timeout.is_zero() && self.keep_alive_interval.is_some() {
+            return Err("--http2-keep-alive-timeout-secs must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
 /// Limits on connections.
 #[derive(Debug, Clone, Copy)]
 pub struct ConnectionLimits {
@@ -62,6 +152,9 @@ pub struct ConnectionLimits {
     pub header_read_timeout: Duration,
     /// Time a keep-alive connection may stay idle between requests.
     pub keep_alive_timeout: Duration,
+    /// Time finished responses may wait on the client to take them.
+    pub send_timeout: Duration,
+    pub http2: Http2Limits,
 }
 
 /// What a connection is doing, as far as the server can tell.
@@ -70,16 +163,18 @@ enum Phase {
     Headers,
     Idle,
     Busy,
+    Sending,
 }
 
 impl Phase {
-    const ALL: [Phase; 3] = [Phase::Headers, Phase::Idle, Phase::Busy];
+    const ALL: [Phase; 4] = [Phase::Headers, Phase::Idle, Phase::Busy, Phase::Sending];
 
     fn label(self) -> &'static str {
         match self {
             Phase::Headers => "headers",
             Phase::Idle => "idle",
             Phase::Busy => "busy",
+            Phase::Sending => "sending",
         }
     }
 }
@@ -89,24 +184,51 @@ impl Phase {
 enum Closed {
     HeaderTimeout,
     Idle,
+    SendTimeout,
     Evicted,
+    ResetFlood,
 }
 
 impl Closed {
+    const ALL: [Closed; 5] = [
+        Closed::HeaderTimeout,
+        Closed::Idle,
+        Closed::SendTimeout,
+        Closed::Evicted,
+        Closed::ResetFlood,
+    ];
+
     fn label(self) -> &'static str {
         match self {
             Closed::HeaderTimeout => "header_timeout",
             Closed::Idle => "idle",
+            Closed::SendTimeout => "send_timeout",
             Closed::Evicted => "evicted",
+            Closed::ResetFlood => "reset_flood",
         }
     }
+}
+
+/// The reasons a connection can be closed for, as the metrics label them.
+pub fn closed_reasons() -> impl Iterator<Item = &'static str> {
+    Closed::ALL.into_iter().map(Closed::label)
+}
+
+/// The states a connection can be in, as the metrics label them.
+pub fn connection_states() -> impl Iterator<Item = &'static str> {
+    Phase::ALL.into_iter().map(Phase::label)
 }
 
 struct State {
     phase: Phase,
     since: Instant,
-    /// Requests in (HTTP/2 can have several at once).
-    active: usize,
+    /// Requests in whose responses are not ready (HTTP/2 can have several at once).
+    computing: usize,
+    /// Responses ready and not yet all taken by the client.
+    sending: usize,
+    /// Streams the client cancelled since `resets_since`.
+    resets: u32,
+    resets_since: Instant,
 }
 
 /// One open connection's phase, shared by its task, its socket and its requests.
@@ -123,7 +245,10 @@ struct Tracked {
     evicted: CancellationToken,
     /// Evicted to make room: counted in [`Registry::closing`] until its task has ended.
     made_room: AtomicBool,
-    phases: [IntGauge; 3],
+    /// Cancelled too many streams: to be closed.
+    flooded: CancellationToken,
+    max_resets: u32,
+    phases: [IntGauge; 4],
 }
 
 impl Tracked {
@@ -132,10 +257,22 @@ impl Tracked {
             self.phases[s.phase as usize].dec();
             self.phases[phase as usize].inc();
             s.phase = phase;
+            s.since = Instant::now();
             self.idle.store(phase == Phase::Idle, Ordering::Release);
         }
-        s.since = Instant::now();
         self.changed.notify_one();
+    }
+
+    /// The phase that the requests in make.
+    fn settle(&self, s: &mut State) {
+        let phase = if s.computing > 0 {
+            Phase::Busy
+        } else if s.sending > 0 {
+            Phase::Sending
+        } else {
+            Phase::Idle
+        };
+        self.set(s, phase);
     }
 
     /// Bytes came from the client: on an idle HTTP/1 connection, the next request has begun.
@@ -151,11 +288,31 @@ impl Tracked {
         }
     }
 
-    fn request_started(self: &Arc<Self>) -> ActiveRequest {
+    fn request_started(self: &Arc<Self>) -> Computing {
         let mut s = self.state.lock().unwrap();
-        s.active += 1;
-        self.set(&mut s, Phase::Busy);
-        ActiveRequest(self.clone())
+        s.computing += 1;
+        self.settle(&mut s);
+        Computing {
+            conn: Some(self.clone()),
+            counted: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// A stream the client cancelled before its response was ready: past the cap within
+    /// [`RESET_WINDOW`], the connection is to be closed.
+    fn cancelled(&self, s: &mut State) {
+        if !self.h2.load(Ordering::Acquire) {
+            return;
+        }
+        let now = Instant::now();
+        if now.duration_since(s.resets_since) > RESET_WINDOW {
+            s.resets = 0;
+            s.resets_since = now;
+        }
+        s.resets += 1;
+        if s.resets > self.max_resets {
+            self.flooded.cancel();
+        }
     }
 
     /// When this connection is due to be closed, and why; None while busy.
@@ -164,6 +321,7 @@ impl Tracked {
         match s.phase {
             Phase::Headers => Some((s.since + limits.header_read_timeout, Closed::HeaderTimeout)),
             Phase::Idle => Some((s.since + limits.keep_alive_timeout, Closed::Idle)),
+            Phase::Sending => Some((s.since + limits.send_timeout, Closed::SendTimeout)),
             Phase::Busy => None,
         }
     }
@@ -175,24 +333,100 @@ impl Tracked {
     }
 }
 
-/// A request in progress on a connection; dropped once its response has been written (or the
-/// request abandoned), which makes the connection idle if it was the last.
-struct ActiveRequest(Arc<Tracked>);
+/// A request whose response is not ready yet. Dropped before [`Computing::ready`], the request
+/// was abandoned: on HTTP/2, the client cancelled the stream (counted once, here or by
+/// [`ResetWatch`], whichever sees it first).
+struct Computing {
+    conn: Option<Arc<Tracked>>,
+    counted: Arc<AtomicBool>,
+}
 
-impl Drop for ActiveRequest {
+/// A request body that tells its connection when the client cancels the stream while the body
+/// is being read: the handler then answers (an error nobody receives) rather than being
+/// dropped, so [`Computing`] alone would not see the reset.
+struct ResetWatch {
+    inner: hyper::body::Incoming,
+    conn: Arc<Tracked>,
+    counted: Arc<AtomicBool>,
+}
+
+/// Whether a request body's error is the client's RST_STREAM.
+fn is_remote_reset(e: &hyper::Error) -> bool {
+    std::error::Error::source(e)
+        .and_then(|s| s.downcast_ref::<h2::Error>())
+        .is_some_and(|h| h.is_reset() && h.is_remote())
+}
+
+impl HttpBody for ResetWatch {
+    type Data = bytes::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let r = std::task::ready!(Pin::new(&mut self.inner).poll_frame(cx));
+        if let Some(Err(e)) = &r
+            && is_remote_reset(e)
+            && !self.counted.swap(true, Ordering::AcqRel)
+        {
+            let mut s = self.conn.state.lock().unwrap();
+            self.conn.cancelled(&mut s);
+        }
+        Poll::Ready(r)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Computing {
+    /// The response is ready: from now on it waits on the client to take it.
+    fn ready(mut self) -> Sending {
+        let conn = self.conn.take().expect("a request is ready once");
+        let mut s = conn.state.lock().unwrap();
+        s.computing = s.computing.saturating_sub(1);
+        s.sending += 1;
+        conn.settle(&mut s);
+        drop(s);
+        Sending(conn)
+    }
+}
+
+impl Drop for Computing {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            let mut s = conn.state.lock().unwrap();
+            s.computing = s.computing.saturating_sub(1);
+            if !self.counted.swap(true, Ordering::AcqRel) {
+                conn.cancelled(&mut s);
+            }
+            conn.settle(&mut s);
+        }
+    }
+}
+
+/// A response being written; dropped once hyper has written it all (or the stream is gone),
+/// which makes the connection idle if it was the last.
+struct Sending(Arc<Tracked>);
+
+impl Drop for Sending {
     fn drop(&mut self) {
         let mut s = self.0.state.lock().unwrap();
-        s.active = s.active.saturating_sub(1);
-        if s.active == 0 {
-            self.0.set(&mut s, Phase::Idle);
-        }
+        s.sending = s.sending.saturating_sub(1);
+        self.0.settle(&mut s);
     }
 }
 
 /// A response body that holds its request's place until hyper has written it all.
 pub struct ResponseBody {
     inner: axum::body::Body,
-    _active: ActiveRequest,
+    _sending: Sending,
 }
 
 impl HttpBody for ResponseBody {
@@ -275,6 +509,8 @@ struct Registry {
     places: Mutex<HashMap<u64, Arc<Tracked>>>,
     next: AtomicU64,
     cap: usize,
+    door: Door,
+    max_resets: u32,
     metrics: Arc<Metrics>,
     /// Evicted connections still closing, and a wake-up when one has.
     closing: AtomicUsize,
@@ -303,7 +539,7 @@ impl Registry {
         let phases = Phase::ALL.map(|p| {
             self.metrics
                 .connections_by_state
-                .with_label_values(&[p.label()])
+                .with_label_values(&[self.door.name, p.label()])
         });
         phases[Phase::Headers as usize].inc();
         let conn = Arc::new(Tracked {
@@ -311,7 +547,10 @@ impl Registry {
             state: Mutex::new(State {
                 phase: Phase::Headers,
                 since: Instant::now(),
-                active: 0,
+                computing: 0,
+                sending: 0,
+                resets: 0,
+                resets_since: Instant::now(),
             }),
             idle: AtomicBool::new(false),
             h2: AtomicBool::new(false),
@@ -319,6 +558,8 @@ impl Registry {
             changed: Notify::new(),
             evicted: CancellationToken::new(),
             made_room: AtomicBool::new(false),
+            flooded: CancellationToken::new(),
+            max_resets: self.max_resets,
             phases,
         });
         places.insert(id, conn.clone());
@@ -328,7 +569,7 @@ impl Registry {
     fn closed(&self, why: Closed) {
         self.metrics
             .connections_closed
-            .with_label_values(&[why.label()])
+            .with_label_values(&[self.door.name, why.label()])
             .inc();
     }
 }
@@ -406,10 +647,43 @@ pub struct Connections {
     registry: Arc<Registry>,
 }
 
+/// hyper's server for a door: HTTP/1.1 (unless the door is HTTP/2 only) and HTTP/2 with the
+/// door's limits.
+fn connection_builder(door: Door, limits: &ConnectionLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    if door.http2_only {
+        builder = builder.http2_only();
+    } else {
+        builder
+            .http1()
+            .timer(TokioTimer::new())
+            // A backstop only: the phases above close connections first (see the module's notes).
+            .header_read_timeout(limits.header_read_timeout + limits.keep_alive_timeout)
+            .keep_alive(true);
+    }
+    let h2 = limits.http2;
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(h2.max_concurrent_streams)
+        .max_header_list_size(h2.max_header_list_bytes)
+        .max_frame_size(h2.max_frame_bytes)
+        .initial_stream_window_size(h2.stream_window_bytes)
+        .initial_connection_window_size(h2.connection_window_bytes)
+        // Streams reset before the server took them up, and streams the server reset for the
+        // client's protocol errors: h2's own counts, closed with GOAWAY beyond.
+        .max_pending_accept_reset_streams(h2.max_resets.min(20) as usize)
+        .max_local_error_reset_streams(h2.max_resets as usize)
+        .keep_alive_interval(h2.keep_alive_interval)
+        .keep_alive_timeout(h2.keep_alive_timeout);
+    builder
+}
+
 /// Accepts and serves connections until `stop` is cancelled; the listener is closed on return.
 pub async fn accept(
     listener: TcpListener,
     app: Router,
+    door: Door,
     limits: ConnectionLimits,
     metrics: Arc<Metrics>,
     stop: CancellationToken,
@@ -420,18 +694,15 @@ pub async fn accept(
         places: Mutex::new(HashMap::new()),
         next: AtomicU64::new(0),
         cap: limits.max_connections.max(1),
+        door,
+        max_resets: limits.http2.max_resets,
         metrics: metrics.clone(),
         closing: AtomicUsize::new(0),
         closed_one: Notify::new(),
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // A backstop only: the phases above close connections first (see the module's notes).
-        .header_read_timeout(limits.header_read_timeout + limits.keep_alive_timeout)
-        .keep_alive(true);
-    builder.http2().timer(TokioTimer::new());
+    let builder = connection_builder(door, &limits);
+    let accepted_total = metrics.connections.with_label_values(&[door.name]);
+    let open_now = metrics.connections_open.with_label_values(&[door.name]);
     loop {
         // Under a flood of newcomers, let the connections they displaced close first.
         if registry.closing.load(Ordering::Acquire) >= CLOSING_MAX {
@@ -460,34 +731,40 @@ pub async fn accept(
                 }
             },
         };
-        metrics.connections.inc();
+        accepted_total.inc();
         let Some(conn) = registry.admit() else {
             metrics
                 .connections_refused
-                .with_label_values(&["max_connections"])
+                .with_label_values(&[door.name, "max_connections"])
                 .inc();
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        metrics.connections_open.inc();
+        open_now.inc();
         let open = Open {
             conn: conn.clone(),
             registry: registry.clone(),
-            open: metrics.connections_open.clone(),
+            open: open_now.clone(),
         };
         let service = {
             let (app, conn) = (app.clone(), conn.clone());
-            tower::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            tower::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                let computing = conn.request_started();
+                let mut req = req.map(|inner| ResetWatch {
+                    inner,
+                    conn: conn.clone(),
+                    counted: computing.counted.clone(),
+                });
                 req.extensions_mut()
                     .insert(ConnectInfo::<SocketAddr>(remote));
-                let active = conn.request_started();
                 let response = app.clone().oneshot(req);
                 async move {
                     let response = response.await?;
+                    let sending = computing.ready();
                     Ok::<_, std::convert::Infallible>(response.map(|inner| ResponseBody {
                         inner,
-                        _active: active,
+                        _sending: sending,
                     }))
                 }
             })
@@ -521,6 +798,11 @@ pub async fn accept(
                     }
                     _ = conn.evicted.cancelled() => {
                         tracing::debug!(%remote, "connection closed: room for a new one, or shutdown");
+                        break;
+                    }
+                    _ = conn.flooded.cancelled() => {
+                        registry.closed(Closed::ResetFlood);
+                        tracing::info!(%remote, door = door.name, "connection closed: too many streams cancelled");
                         break;
                     }
                     _ = conn.changed.notified() => continue,

@@ -28,7 +28,7 @@ use crate::model::{Backend, TorchBackend, torch};
 use crate::pipeline::{DecodeBudget, Shared};
 use crate::repository::{ModelState, Repository};
 use crate::telemetry::Metrics;
-use listener::ConnectionLimits;
+use listener::Door;
 
 /// What the front doors share.
 pub struct AppState {
@@ -38,8 +38,8 @@ pub struct AppState {
     shutting_down: AtomicBool,
     /// The memory of request bodies being received, and their deadlines.
     pub uploads: UploadBudget,
-    /// The API keys (none: every route is open).
-    pub auth: ApiKeys,
+    /// The API keys (none: every route is open), re-read as `--api-key-file` changes.
+    pub auth: Arc<ApiKeys>,
 }
 
 /// Whether the server takes traffic, as `/health` says.
@@ -106,7 +106,8 @@ impl Server {
             config.api_key_file.as_deref(),
             config.protect_metrics,
         )
-        .map_err(anyhow::Error::msg)?;
+        .map_err(anyhow::Error::msg)?
+        .with_rotation_grace(Duration::from_secs(config.api_key_rotation_grace_secs));
         let metrics = Arc::new(Metrics::new());
         let (preprocess_threads, _) = config.thread_split();
         metrics
@@ -166,7 +167,7 @@ impl Server {
                 config.upload_limits(),
                 &metrics,
             ),
-            auth,
+            auth: Arc::new(auth),
             config,
             repository,
             metrics,
@@ -253,27 +254,38 @@ impl Server {
                 }
             });
         }
+        if state.auth.file().is_some() {
+            tokio::spawn(crate::auth::watch_key_file(
+                state.auth.clone(),
+                Duration::from_secs(config.api_key_file_poll_secs),
+                state.metrics.clone(),
+                shutdown.clone(),
+            ));
+        }
         let stop_accepting = CancellationToken::new();
-        let limits = ConnectionLimits {
-            max_connections: config.max_connections,
-            header_read_timeout: Duration::from_secs(config.header_read_timeout_secs),
-            keep_alive_timeout: Duration::from_secs(config.keep_alive_timeout_secs),
-        };
+        let limits = config.connection_limits();
         let accepting = tokio::spawn(listener::accept(
             listener,
             self.router(),
+            Door::HTTP,
             limits,
             state.metrics.clone(),
             stop_accepting.clone(),
         ));
-        let grpc = grpc.map(|listener| {
-            tokio::spawn(crate::v2::grpc::serve(
-                listener,
-                state.clone(),
-                shutdown.clone(),
-                stop_accepting.clone(),
-            ))
-        });
+        let grpc = match grpc {
+            Some(listener) => {
+                let app = crate::v2::grpc::door(state.clone(), shutdown.clone()).await;
+                Some(tokio::spawn(listener::accept(
+                    listener,
+                    app,
+                    Door::GRPC,
+                    limits,
+                    state.metrics.clone(),
+                    stop_accepting.clone(),
+                )))
+            }
+            None => None,
+        };
 
         shutdown.cancelled().await;
         state.begin_shutdown();
@@ -289,16 +301,23 @@ impl Server {
         stop_accepting.cancel();
         let deadline = Instant::now() + Duration::from_secs(config.shutdown_timeout_secs);
         let connections = accepting.await.context("the accepting task")?;
-        if !connections.drain(deadline).await {
+        let grpc_connections = match grpc {
+            Some(g) => Some(g.await.context("the gRPC accepting task")?),
+            None => None,
+        };
+        let (http_drained, grpc_drained) = tokio::join!(connections.drain(deadline), async {
+            match grpc_connections {
+                Some(c) => c.drain(deadline).await,
+                None => true,
+            }
+        });
+        if !http_drained {
             tracing::warn!(
                 timeout_secs = config.shutdown_timeout_secs,
                 "requests still in flight at the shutdown timeout were dropped"
             );
         }
-        if let Some(mut grpc) = grpc
-            && tokio::time::timeout_at(deadline, &mut grpc).await.is_err()
-        {
-            grpc.abort();
+        if !grpc_drained {
             tracing::warn!("gRPC calls still in flight at the shutdown timeout were dropped");
         }
         let pipelines = state.repository.close_all();

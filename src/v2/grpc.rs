@@ -1,24 +1,41 @@
 //! The Open Inference Protocol over gRPC: `inference.GRPCInferenceService` (the protocol's
 //! `grpc_predict_v2.proto`, in proto/) and the standard `grpc.health.v1.Health` service (for
-//! Kubernetes' gRPC probes: SERVING while the server is ready), served with tonic on their own
-//! port (`--grpc-port`).
+//! Kubernetes' gRPC probes: SERVING while the server is ready), on their own port
+//! (`--grpc-port`), accepted by [`crate::server::listener`] with the same connection discipline
+//! as the HTTP door (cap and eviction, header and idle timeouts, HTTP/2 limits).
+//!
+//! Every call passes through [`call`], as every HTTP request passes through the HTTP door's
+//! layers: a `request` span (the child of the caller's `traceparent`), the caller's
+//! `grpc-timeout` from the moment the call arrived (past it the call is dropped, and with it
+//! its images' places, and answered DEADLINE_EXCEEDED), and the request body drawn from the
+//! upload budget as its bytes arrive, under the upload deadlines, and held to `--max-body-bytes`
+//! from its length prefix on (RESOURCE_EXHAUSTED, as gRPC's own servers answer a message over
+//! their limit).
 //!
 //! Errors are gRPC statuses: INVALID_ARGUMENT (a malformed request or one over the limits),
 //! NOT_FOUND (model or version), UNAVAILABLE (not ready), RESOURCE_EXHAUSTED (at capacity, with
-//! `retry-after` metadata), DEADLINE_EXCEEDED (the request's time limit: the server's, the
-//! client's deadline or `parameters.timeout`), INTERNAL. Requests are counted in the same
-//! metrics as HTTP's, by method path, with the HTTP status the same outcome gets over REST.
+//! `retry-after` metadata, or a message too large), DEADLINE_EXCEEDED (the request's time
+//! limit: the server's, the client's deadline or `parameters.timeout`; or an upload too slow),
+//! INTERNAL. Requests are counted in the same metrics as HTTP's, by method path, with the HTTP
+//! status the same outcome gets over REST.
 
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use bytes::Bytes;
-use tokio::net::TcpListener;
+use hyper::body::{Body as HttpBody, Frame, SizeHint};
 use tokio_util::sync::CancellationToken;
 use tonic::{Code, Status};
 use tonic_health::ServingStatus;
+use tracing::Instrument;
 
 use super::{Data, InputTensor, OutputRequest};
+use crate::api::upload::Receiving;
 use crate::error::ApiError;
 use crate::server::{AppState, Readiness};
 use crate::telemetry::Metrics;
@@ -45,7 +62,8 @@ impl Service {
         Self { state }
     }
 
-    /// The tonic service, with the server's message size limit.
+    /// The tonic service. The message size is held to `--max-body-bytes` by [`call`] already;
+    /// tonic's own limit (OUT_OF_RANGE) is a backstop for what decompression would make.
     pub fn server(state: Arc<AppState>) -> GrpcInferenceServiceServer<Self> {
         let max = state.config.max_body_bytes;
         GrpcInferenceServiceServer::new(Self::new(state))
@@ -54,26 +72,204 @@ impl Service {
     }
 }
 
-/// Serves gRPC on `listener` until `stop_accepting` is cancelled, then lets the calls in flight
-/// finish (the caller bounds that wait). The health service turns NOT_SERVING as soon as
-/// `shutdown` is cancelled.
-pub async fn serve(
-    listener: TcpListener,
-    state: Arc<AppState>,
-    shutdown: CancellationToken,
-    stop_accepting: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
+/// The gRPC door's service: the health and inference services behind [`call`], for
+/// [`crate::server::listener::accept`]. The health service follows the server's readiness and
+/// turns NOT_SERVING as soon as `shutdown` is cancelled.
+pub async fn door(state: Arc<AppState>, shutdown: CancellationToken) -> axum::Router {
     let (reporter, health) = tonic_health::server::health_reporter();
     set_health(&reporter, &state).await;
     tokio::spawn(watch_health(reporter, state.clone(), shutdown));
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(Service::server(state))
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            stop_accepting.cancelled_owned(),
-        )
-        .await
+    tonic::service::Routes::new(health)
+        .add_service(Service::server(state.clone()))
+        .into_axum_router()
+        .layer(axum::middleware::from_fn_with_state(state, call))
+}
+
+/// When a call arrived, and its deadline (from `grpc-timeout`), for the methods.
+#[derive(Debug, Clone, Copy)]
+pub struct CallTiming {
+    pub arrived: tokio::time::Instant,
+    pub deadline: Option<tokio::time::Instant>,
+}
+
+/// A gRPC status as a trailers-only response.
+fn status_response(status: &Status) -> Response {
+    status.clone().into_http::<axum::body::Body>()
+}
+
+/// The span of one call: named after its method, with the OpenTelemetry RPC attributes.
+fn call_span(request: &Request) -> tracing::Span {
+    let path = request.uri().path();
+    let (service, method) = path
+        .trim_start_matches('/')
+        .split_once('/')
+        .unwrap_or((path, ""));
+    let span = tracing::info_span!(
+        "request",
+        otel.name = %path.trim_start_matches('/'),
+        otel.kind = "server",
+        otel.status_code = tracing::field::Empty,
+        rpc.system = "grpc",
+        rpc.service = %super::short(service),
+        rpc.method = %super::short(method),
+        rpc.grpc.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+    );
+    crate::telemetry::set_remote_parent(&span, request.headers());
+    if let Some(trace_id) = crate::telemetry::trace_id(&span) {
+        span.record("trace_id", trace_id);
+    }
+    span
+}
+
+/// What every call goes through (see the module's notes).
+pub async fn call(State(state): State<Arc<AppState>>, request: Request, next: Next) -> Response {
+    let arrived = tokio::time::Instant::now();
+    let span = call_span(&request);
+    let deadline = request
+        .headers()
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map(|t| arrived + t);
+    let work = async move {
+        let (request, receiving) = match state.uploads.receive(request, deadline) {
+            Ok(r) => r,
+            Err(e) => return status_response(&status(&e)),
+        };
+        let max = state.config.max_body_bytes;
+        let mut request =
+            request.map(|body| axum::body::Body::new(MessageBody::new(body, receiving, max)));
+        request
+            .extensions_mut()
+            .insert(CallTiming { arrived, deadline });
+        let mut response = match deadline {
+            Some(at) => match tokio::time::timeout_at(at, next.run(request)).await {
+                Ok(r) => r,
+                Err(_) => status_response(&Status::deadline_exceeded(
+                    "the call's deadline (grpc-timeout) passed before it was answered",
+                )),
+            },
+            None => next.run(request).await,
+        };
+        let span = tracing::Span::current();
+        if let Some(code) = response
+            .headers()
+            .get("grpc-status")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i32>().ok())
+        {
+            span.record("rpc.grpc.status_code", code);
+            if matches!(
+                Code::from_i32(code),
+                Code::Internal | Code::Unknown | Code::DataLoss | Code::Unimplemented
+            ) {
+                span.record("otel.status_code", "error");
+            }
+        }
+        if let Some(id) = crate::telemetry::trace_id(&span)
+            && let Ok(v) = axum::http::HeaderValue::from_str(&id)
+        {
+            response.headers_mut().insert(crate::api::TRACE_ID, v);
+        }
+        response
+    };
+    work.instrument(span).await
+}
+
+/// A call's request body: metered by the upload budget (the body [`UploadBudget::receive`]
+/// gave), held to the message size limit from the 5-byte length prefix on, its errors as gRPC
+/// statuses that tonic answers the call with.
+///
+/// [`UploadBudget::receive`]: crate::api::upload::UploadBudget::receive
+struct MessageBody {
+    inner: axum::body::Body,
+    receiving: Receiving,
+    max: usize,
+    prefix: [u8; 5],
+    prefix_len: usize,
+    received: usize,
+}
+
+impl MessageBody {
+    fn new(inner: axum::body::Body, receiving: Receiving, max: usize) -> Self {
+        Self {
+            inner,
+            receiving,
+            max,
+            prefix: [0; 5],
+            prefix_len: 0,
+            received: 0,
+        }
+    }
+
+    fn too_large(&self, bytes: u64) -> axum::BoxError {
+        Box::new(Status::resource_exhausted(format!(
+            "the request message is {bytes} bytes; the limit is {} bytes (--max-body-bytes)",
+            self.max
+        )))
+    }
+
+    /// Counts `data`; an error once the message is known to be too large.
+    fn check(&mut self, data: &[u8]) -> Result<(), axum::BoxError> {
+        self.received += data.len();
+        if self.prefix_len < 5 {
+            let take = (5 - self.prefix_len).min(data.len());
+            self.prefix[self.prefix_len..self.prefix_len + take].copy_from_slice(&data[..take]);
+            self.prefix_len += take;
+            if self.prefix_len == 5 {
+                let declared = u32::from_be_bytes([
+                    self.prefix[1],
+                    self.prefix[2],
+                    self.prefix[3],
+                    self.prefix[4],
+                ]);
+                if declared as usize > self.max {
+                    return Err(self.too_large(u64::from(declared)));
+                }
+            }
+        }
+        if self.received > self.max.saturating_add(5) {
+            return Err(self.too_large(self.received as u64 - 5));
+        }
+        Ok(())
+    }
+}
+
+impl HttpBody for MessageBody {
+    type Data = Bytes;
+    type Error = axum::BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        match ready!(Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref()
+                    && let Err(e) = self.check(data)
+                {
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(e)) => {
+                let why = self
+                    .receiving
+                    .explain(ApiError::BadRequest(format!("reading the call: {e}")));
+                Poll::Ready(Some(Err(Box::new(status(&why)))))
+            }
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 async fn set_health(reporter: &tonic_health::server::HealthReporter, state: &AppState) {
@@ -112,7 +308,8 @@ pub fn status(e: &ApiError) -> Status {
         "model_not_found" | "not_found" => Code::NotFound,
         "unavailable" => Code::Unavailable,
         "overloaded" => Code::ResourceExhausted,
-        "timeout" => Code::DeadlineExceeded,
+        "timeout" | "request_timeout" => Code::DeadlineExceeded,
+        "payload_too_large" => Code::ResourceExhausted,
         "model_control_disabled" => Code::PermissionDenied,
         "unauthorized" => Code::Unauthenticated,
         "internal" | "model_load_failed" => Code::Internal,
@@ -316,11 +513,12 @@ impl GrpcInferenceService for Service {
         if let Err(e) = authorize(&self.state, &request) {
             return record.finish("", Err(e));
         }
+        // The time left of the caller's deadline, counted from the call's arrival.
         let deadline = request
-            .metadata()
-            .get("grpc-timeout")
-            .and_then(|v| v.to_str().ok())
-            .and_then(parse_grpc_timeout);
+            .extensions()
+            .get::<CallTiming>()
+            .and_then(|t| t.deadline)
+            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
         let r = request.into_inner();
         let pipeline = match super::resolve(&self.state, &r.model_name, Some(&r.model_version)) {
             Ok(p) => p,
