@@ -174,6 +174,15 @@ pub fn span_context(span: &tracing::Span) -> SpanContext {
     span.context().span().span_context().clone()
 }
 
+/// Records `span`'s trace id in its `trace_id` field (a span that declares one), so that every
+/// log line inside it names the trace, as the request span's lines do; nothing when traces are
+/// not exported.
+pub fn record_trace_id(span: &tracing::Span) {
+    if let Some(id) = trace_id(span) {
+        span.record("trace_id", id);
+    }
+}
+
 /// The trace id of `span` as 32 hex digits; `None` when traces are not exported.
 pub fn trace_id(span: &tracing::Span) -> Option<String> {
     let cx = span_context(span);

@@ -1,6 +1,6 @@
 //! OpenTelemetry traces against a real OTLP/gRPC receiver: a small collector built on the
 //! official OTLP protobufs records what the server exports, and the test checks the spans'
-//! parents, names, links and attributes.
+//! parents, names, links and attributes, over HTTP and gRPC.
 //!
 //! One test function: the tracing subscriber is global to the process, and the batch span
 //! processor runs on the runtime of the test that installed it.
@@ -21,6 +21,7 @@ use tch_serve::config::LogFormat;
 
 const CALLER_TRACE: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const CALLER_SPAN: &str = "00f067aa0ba902b7";
+const GRPC_TRACE: &str = "0af7651916cd43dd8448eb211c80319c";
 
 /// The spans of `trace` (hex), by name.
 fn by_name(spans: &[Received], trace: &str) -> HashMap<String, Vec<Span>> {
@@ -174,6 +175,12 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
                 span.end_time_unix_nano <= request.end_time_unix_nano,
                 "{name}"
             );
+            // Their log lines name the trace, as the request's do.
+            assert_eq!(
+                string_attr(&span.attributes, "trace_id").as_deref(),
+                Some(CALLER_TRACE),
+                "{name} carries trace_id"
+            );
         }
     }
     assert_eq!(
@@ -199,6 +206,11 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
     let mut images = 0;
     for batch in &batches {
         assert!(batch.parent_span_id.is_empty(), "a batch span is a root");
+        assert_eq!(
+            string_attr(&batch.attributes, "trace_id"),
+            Some(hex(&batch.trace_id)),
+            "a batch span carries its own trace_id"
+        );
         assert_eq!(
             batch
                 .links
@@ -242,6 +254,49 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
     assert_eq!(
         int_attr(&own.attributes, "http.response.status_code"),
         Some(404)
+    );
+
+    // A gRPC call: its own `request` span, the child of the caller's span, named after the
+    // method, with the RPC attributes and its trace id.
+    let door = tch_serve::v2::grpc::door(
+        server.state.clone(),
+        tokio_util::sync::CancellationToken::new(),
+    )
+    .await;
+    let call = Request::post("/inference.GRPCInferenceService/ServerMetadata")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header(
+            "traceparent",
+            format!("00-{GRPC_TRACE}-{CALLER_SPAN}-01"),
+        )
+        .body(axum::body::Body::from(vec![0u8; 5]))
+        .unwrap();
+    let response = tower::ServiceExt::oneshot(door, call).await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers().get("x-trace-id").unwrap(), GRPC_TRACE);
+    let method = "inference.GRPCInferenceService/ServerMetadata";
+    assert!(
+        eventually(Duration::from_secs(30), || {
+            by_name(&collector.spans(), GRPC_TRACE).contains_key(method)
+        })
+        .await,
+        "no span for the gRPC call"
+    );
+    let grpc = &by_name(&collector.spans(), GRPC_TRACE)[method][0];
+    assert_eq!(hex(&grpc.parent_span_id), CALLER_SPAN);
+    assert_eq!(grpc.kind, SpanKind::Server as i32);
+    assert_eq!(
+        string_attr(&grpc.attributes, "rpc.system").as_deref(),
+        Some("grpc")
+    );
+    assert_eq!(
+        string_attr(&grpc.attributes, "rpc.method").as_deref(),
+        Some("ServerMetadata")
+    );
+    assert_eq!(
+        string_attr(&grpc.attributes, "trace_id").as_deref(),
+        Some(GRPC_TRACE)
     );
 
     // Shutting down exports what is left and stops exporting, in bounded time.

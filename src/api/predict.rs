@@ -183,8 +183,10 @@ async fn classify(
     let upload = tracing::info_span!(
         "upload",
         upload.bytes = tracing::field::Empty,
-        upload.images = tracing::field::Empty
+        upload.images = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
     );
+    crate::telemetry::record_trace_id(&upload);
     let uploads = read_uploads(
         request,
         state.config.max_body_bytes,

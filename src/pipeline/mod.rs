@@ -401,7 +401,7 @@ impl Pipeline {
         let size = self.meta.input_size;
         let span = Span::current();
         let job = Job {
-            queue_span: child_span(&span, || tracing::info_span!(parent: &span, "queue")),
+            queue_span: child_span(&span, || tracing::info_span!(parent: &span, "queue", trace_id = tracing::field::Empty)),
             span,
             input: Input::Tensor(tensor),
             image: ImageInfo {
@@ -490,6 +490,7 @@ fn decode_and_queue(
             image.format = tracing::field::Empty,
             image.width = tracing::field::Empty,
             image.height = tracing::field::Empty,
+            trace_id = tracing::field::Empty,
         )
     });
     let started = Instant::now();
@@ -528,7 +529,7 @@ fn decode_and_queue(
         enqueued: Instant::now(),
         reply,
         _place: place,
-        queue_span: child_span(&span, || tracing::info_span!(parent: &span, "queue")),
+        queue_span: child_span(&span, || tracing::info_span!(parent: &span, "queue", trace_id = tracing::field::Empty)),
         span,
     };
     if let Err(job) = queue.push(job) {

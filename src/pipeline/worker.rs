@@ -62,7 +62,9 @@ pub(crate) fn child_span(parent: &Span, make: impl FnOnce() -> Span) -> Span {
     if parent.is_none() {
         Span::none()
     } else {
-        make()
+        let span = make();
+        crate::telemetry::record_trace_id(&span);
+        span
     }
 }
 
@@ -320,7 +322,10 @@ fn run(
                 batch.padded_size = padded,
                 input = if matches!(group[0].input, Input::Pixels(_)) { "pixels" } else { "tensor" },
                 otel.status_code = tracing::field::Empty,
+                trace_id = tracing::field::Empty,
             );
+            // The batch's own trace (its requests' traces are linked to it).
+            crate::telemetry::record_trace_id(&forward);
             let mut linked = Vec::with_capacity(n);
             for job in &group {
                 let cx = crate::telemetry::span_context(&job.span);
@@ -339,7 +344,8 @@ fn run(
                             parent: &job.span,
                             "inference",
                             model.name = %spec.name,
-                            batch.size = n
+                            batch.size = n,
+                            trace_id = tracing::field::Empty,
                         );
                         if forward_cx.is_valid() {
                             span.add_link(forward_cx.clone());
