@@ -266,10 +266,7 @@ async fn spans_reach_an_otlp_collector_with_parents_links_and_attributes() {
     let call = Request::post("/inference.GRPCInferenceService/ServerMetadata")
         .header("content-type", "application/grpc")
         .header("te", "trailers")
-        .header(
-            "traceparent",
-            format!("00-{GRPC_TRACE}-{CALLER_SPAN}-01"),
-        )
+        .header("traceparent", format!("00-{GRPC_TRACE}-{CALLER_SPAN}-01"))
         .body(axum::body::Body::from(vec![0u8; 5]))
         .unwrap();
     let response = tower::ServiceExt::oneshot(door, call).await.unwrap();

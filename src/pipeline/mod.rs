@@ -401,7 +401,10 @@ impl Pipeline {
         let size = self.meta.input_size;
         let span = Span::current();
         let job = Job {
-            queue_span: child_span(&span, || tracing::info_span!(parent: &span, "queue", trace_id = tracing::field::Empty)),
+            queue_span: child_span(
+                &span,
+                || tracing::info_span!(parent: &span, "queue", trace_id = tracing::field::Empty),
+            ),
             span,
             input: Input::Tensor(tensor),
             image: ImageInfo {
@@ -529,7 +532,10 @@ fn decode_and_queue(
         enqueued: Instant::now(),
         reply,
         _place: place,
-        queue_span: child_span(&span, || tracing::info_span!(parent: &span, "queue", trace_id = tracing::field::Empty)),
+        queue_span: child_span(
+            &span,
+            || tracing::info_span!(parent: &span, "queue", trace_id = tracing::field::Empty),
+        ),
         span,
     };
     if let Err(job) = queue.push(job) {
