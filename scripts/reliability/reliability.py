@@ -95,7 +95,8 @@ class Server:
         cmd = [
             str(BIN), "serve",
             "--host", HOST, "--port", str(self.port),
-            "--grpc-port", "0",  # several servers on one host: no fixed gRPC port
+            # Several servers on one host: no fixed gRPC port, unless the phase gives one.
+            *([] if "--grpc-port" in self.args else ["--grpc-port", "0"]),
             *(self.models or ["--model-dir", str(MODEL_DIR)]),
             "--log-format", "json",
             *self.args,
@@ -255,13 +256,15 @@ async def read_response(reader: asyncio.StreamReader) -> tuple[int, dict, bytes]
 
 
 async def client_loop(port: int, body: bytes, stats: LoadStats, stop: asyncio.Event,
-                      expect_overload: bool, pause: float = 0.0) -> None:
+                      expect_overload: bool, pause: float = 0.0, keep_alive: bool = True) -> None:
     """One closed-loop client on a keep-alive connection; reconnects when the server closes.
     After a refusal it waits `pause` seconds before the next request (a client retrying fast,
-    well under the Retry-After it was given)."""
+    well under the Retry-After it was given). Without `keep_alive`, a new connection for each
+    request (`Connection: close`)."""
+    close = "" if keep_alive else "Connection: close\r\n"
     request = (
         f"POST /predict HTTP/1.1\r\nHost: {HOST}:{port}\r\nContent-Type: image/jpeg\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
+        f"Content-Length: {len(body)}\r\n{close}\r\n"
     ).encode() + body
     reader = writer = None
     while not stop.is_set():
@@ -308,9 +311,9 @@ class LoadGenerator:
     """`clients` closed-loop clients in an asyncio loop on a thread of their own."""
 
     def __init__(self, port: int, body: bytes, clients: int, expect_overload: bool = False,
-                 pause: float = 0.0):
+                 pause: float = 0.0, keep_alive: bool = True):
         self.stats = LoadStats()
-        self._args = (port, body, clients, expect_overload, pause)
+        self._args = (port, body, clients, expect_overload, pause, keep_alive)
         self._loop = asyncio.new_event_loop()
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -320,10 +323,10 @@ class LoadGenerator:
         self._loop.run_until_complete(self._main())
 
     async def _main(self) -> None:
-        port, body, clients, expect_overload, pause = self._args
+        port, body, clients, expect_overload, pause, keep_alive = self._args
         self._stop = asyncio.Event()
         await asyncio.gather(*[
-            client_loop(port, body, self.stats, self._stop, expect_overload, pause)
+            client_loop(port, body, self.stats, self._stop, expect_overload, pause, keep_alive)
             for _ in range(clients)
         ])
 
