@@ -109,6 +109,7 @@ const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
+const WINDOW_UPDATE: u8 = 0x8;
 const CONTINUATION: u8 = 0x9;
 const END_STREAM: u8 = 0x1;
 const END_HEADERS: u8 = 0x4;
@@ -641,4 +642,76 @@ async fn a_shut_window_is_closed_after_the_send_timeout_on_both_doors() {
         println!("{door}: shut window: closed after the send timeout ({outcome:?})");
     }
     doors.stop().await;
+}
+
+/// A response still waiting on its client's flow-control window when the server is told to
+/// stop is delivered once the client opens the window, within the shutdown timeout: draining
+/// closes the connections with no request in, not those with a response on its way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_on_its_way_at_shutdown_is_delivered_on_both_doors() {
+    for door in DOORS {
+        let doors = Doors::start(&[
+            "--shutdown-delay-secs",
+            "0",
+            "--shutdown-timeout-secs",
+            "10",
+        ])
+        .await;
+        let addr = doors.addr(door);
+        let block = request_block(door, true);
+        let waiting = tokio::task::spawn_blocking(move || {
+            let mut s = raw_connection(addr, &[(0x4, 0)]);
+            if door == "grpc" {
+                s.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+                    .unwrap();
+                s.write_all(&frame(DATA, END_STREAM, 1, &[0, 0, 0, 0, 0]))
+                    .unwrap();
+            } else {
+                s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
+                    .unwrap();
+            }
+            s
+        })
+        .await
+        .unwrap();
+        let sending =
+            format!("tch_serve_connections_by_state{{door=\"{door}\",state=\"sending\"}}");
+        assert!(
+            eventually(Duration::from_secs(5), || doors.value(&sending) >= 1.0).await,
+            "{door}: the response never waited on the client"
+        );
+        doors.stop.cancel();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (body_bytes, ended) = tokio::task::spawn_blocking(move || {
+            let mut s = waiting;
+            // The stream's window opened: the response's body may now come.
+            if s.write_all(&frame(WINDOW_UPDATE, 0, 1, &(1u32 << 20).to_be_bytes()))
+                .is_err()
+            {
+                return (0, false);
+            }
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            let (mut bytes, mut ended) = (0, false);
+            while let Some(f) = read_frame(&mut s) {
+                if f.stream == 1 && (f.kind == DATA || f.kind == HEADERS) {
+                    bytes += if f.kind == DATA { f.payload.len() } else { 0 };
+                    if f.flags & END_STREAM != 0 {
+                        ended = true;
+                        break;
+                    }
+                }
+            }
+            (bytes, ended)
+        })
+        .await
+        .unwrap();
+        assert!(
+            ended && body_bytes > 0,
+            "{door}: the response was cut off by the shutdown ({body_bytes} body bytes, ended: {ended})"
+        );
+        doors.task.await.unwrap().unwrap();
+        println!(
+            "{door}: a response waiting on its window at shutdown: {body_bytes} bytes delivered"
+        );
+    }
 }

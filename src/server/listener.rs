@@ -326,6 +326,15 @@ impl Tracked {
         }
     }
 
+    /// Whether no request is in: idle between requests, or still sending the headers of one
+    /// (not a response on its way to the client, which shutdown lets finish).
+    fn has_no_request(&self) -> bool {
+        matches!(
+            self.state.lock().unwrap().phase,
+            Phase::Idle | Phase::Headers
+        )
+    }
+
     /// Since when the connection has been waiting on its client, unless it is busy.
     fn waiting_since(&self) -> Option<Instant> {
         let s = self.state.lock().unwrap();
@@ -838,7 +847,7 @@ impl Connections {
             registry,
         } = self;
         for conn in registry.places.lock().unwrap().values() {
-            if conn.waiting_since().is_some() {
+            if conn.has_no_request() {
                 conn.evicted.cancel();
             }
         }
