@@ -59,7 +59,7 @@ test: test-rust test-k8s test-containers test-reliability test-protocol
 test-rust: setup
 	cargo fmt --check
 	TCH_SERVE_TEST_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) TCH_SERVE_TEST_DATA=$(CURDIR)/$(TEST_DATA) \
-		$(CARGO) test --release --locked -- --nocapture 2>&1 | tee target/test-rust.log; \
+		$(CARGO) test --profile test-opt --locked -- --nocapture 2>&1 | tee target/test-rust.log; \
 		exit $${PIPESTATUS[0]}
 	@grep -h -E '^(PARITY|STARTUP|ACCURACY|SKIP):' target/test-rust.log || true
 
