@@ -63,7 +63,10 @@ RUN /opt/venv/bin/python /opt/export/export.py --arch "${MODEL_ARCH}" --out "/mo
 # libraries find each other through RPATHs relative to it). libtorch_cpu.so
 # needs libcudart.so.13 and libcupti.so.13 even for CPU use; the CUDA parts
 # of torch are removed so that the binary cannot link them. (version.py: the
-# build script reads libtorch's version from it.)
+# build script reads libtorch's version from it.) Dockerfile.gpu repeats this
+# stage and the build stage's first layers byte for byte, so that a GPU build
+# after a CPU one takes the dependency layer from the cache: change them in
+# both files alike.
 FROM torch AS libtorch
 RUN site="$(/opt/venv/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')" \
  && dst=/opt/libtorch/site-packages \
