@@ -304,7 +304,23 @@ impl Repository {
     }
 
     /// Loads the model's chosen version from disk (again), and swaps it in once it is warm.
-    pub async fn load(&self, name: &str) -> Result<ModelView, RepoError> {
+    /// The load runs as a task of its own, so a caller that goes away (a client that
+    /// disconnects, a connection dropped at shutdown) never leaves it half done: the model
+    /// ends `ready` or `failed`, not `loading` for ever.
+    pub async fn load(self: &Arc<Self>, name: &str) -> Result<ModelView, RepoError> {
+        let (this, owned) = (self.clone(), name.to_owned());
+        match tokio::spawn(async move { this.load_in_place(&owned).await }).await {
+            Ok(result) => result,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            Err(_) => Err(RepoError::LoadFailed {
+                model: name.to_owned(),
+                reason: "the load was cancelled (the server is stopping)".to_owned(),
+            }),
+        }
+    }
+
+    /// [`Repository::load`] in the caller's task (the poller's, which is never dropped midway).
+    async fn load_in_place(&self, name: &str) -> Result<ModelView, RepoError> {
         let found = self.discover().map_err(|reason| RepoError::LoadFailed {
             model: name.to_owned(),
             reason,
@@ -545,7 +561,7 @@ impl Repository {
             };
             if want {
                 tracing::info!(model = %name, "repository change: loading");
-                let _ = self.load(name).await;
+                let _ = self.load_in_place(name).await;
             }
         }
         for name in self.names() {

@@ -289,6 +289,65 @@ async fn unload_and_load_while_serving() {
     assert_error(&resp, &body, 404, "model_not_found");
 }
 
+/// A load whose client goes away (the request's future is dropped, as when the client
+/// disconnects or shutdown drops its connection) still finishes: the model ends ready, not
+/// `loading` for ever with the poller never retrying it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_load_whose_client_goes_away_still_finishes() {
+    let root = fake_repository(&[("a", 3), ("b", 4)]);
+    let backend = FakeBackend::default();
+    let server = repo_server(
+        root.path(),
+        &["--enable-model-control", "--default-model", "a"],
+        backend.clone(),
+    )
+    .await;
+    let (resp, body) = send(&server, post("/models/b/unload")).await;
+    assert_eq!(resp.status(), 200, "{body}");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            server.state.repository.view("b").unwrap().state.as_str() == "unavailable"
+        })
+        .await
+    );
+    let gate = Gate::default();
+    backend.set(
+        "b",
+        Behaviour {
+            load_gate: Some(gate.clone()),
+            ..Default::default()
+        },
+    );
+    let router = server.router();
+    let client = tokio::spawn(async move {
+        use tower::ServiceExt;
+        router.oneshot(post("/models/b/load")).await
+    });
+    gate.wait_arrived(1).await;
+    assert_eq!(
+        server.state.repository.view("b").unwrap().state.as_str(),
+        "loading"
+    );
+    // The client goes away while the model loads.
+    client.abort();
+    assert!(client.await.unwrap_err().is_cancelled());
+    gate.open();
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            server.state.repository.view("b").unwrap().state.as_str() == "ready"
+        })
+        .await,
+        "the model stayed {}",
+        server.state.repository.view("b").unwrap().state.as_str()
+    );
+    let (resp, _) = send(
+        &server,
+        predict_raw("/models/b/predict", "image/png", png(1)),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+}
+
 #[tokio::test]
 async fn a_version_that_fails_to_load_never_replaces_a_working_one() {
     let root = tempfile::tempdir().unwrap();
