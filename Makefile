@@ -6,8 +6,11 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
+# The model the tests and benchmarks use (untrained: no model hub is reachable here).
 MODEL ?= resnet18
 MODEL_DIR ?= models/$(MODEL)
+# The model `make run` answers /predict with: the pretrained one, so a cat is a cat.
+DEFAULT_MODEL ?= efficientnet_lite0
 # The ImageNet-pretrained model (weights from the Python package index), served beside it.
 PRETRAINED_DIR := models/efficientnet_lite0
 PORT ?= 8000
@@ -17,10 +20,10 @@ CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
 
 .PHONY: run setup venv build-tools model test-data build test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
 
-## Set up, build and serve the model repository models/ (port $(PORT)): resnet18, the default
-## model, and the pretrained efficientnet_lite0.
+## Set up, build and serve the model repository models/ (port $(PORT)): the pretrained
+## efficientnet_lite0, the default model, and resnet18 (untrained).
 run: build model
-	target/release/tch-serve serve --model-repository models --default-model $(MODEL) --port $(PORT)
+	target/release/tch-serve serve --model-repository models --default-model $(DEFAULT_MODEL) --port $(PORT)
 
 ## Everything `run` and `test` need: the venv with torch, the model, the test photos, and the
 ## tools that build libjpeg-turbo (cmake, nasm).

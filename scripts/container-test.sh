@@ -370,8 +370,10 @@ cat_photo="$root/target/test-data/accuracy/chelsea.jpg"
 if [ -f "$cat_photo" ]; then
   check "compose api: the baked-in pretrained model names a cat in a cat photo" bash -c \
     "curl -fsS -F 'file=@$cat_photo' 'http://127.0.0.1:$COMPOSE_API_PORT/predict?model=efficientnet_lite0' | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d[\"predictions\"]; print(\"      model\", d.get(\"model\"), \"top-1\", p[0][\"label\"]); sys.exit(0 if p[0][\"index\"] in (281, 282, 285) else 1)'"
-  check "compose api: /models lists the baked-in repository (resnet18 default, efficientnet_lite0)" bash -c \
-    "curl -fsS http://127.0.0.1:$COMPOSE_API_PORT/models | python3 -c 'import json,sys; d=json.load(sys.stdin); n=sorted(m[\"name\"] for m in d[\"models\"] if m[\"state\"] == \"ready\"); print(\"      ready models\", n); sys.exit(0 if n == [\"efficientnet_lite0\", \"resnet18\"] and d[\"default_model\"] == \"resnet18\" else 1)'"
+  check "compose api: /predict without ?model= is the pretrained model, and names the cat" bash -c \
+    "curl -fsS -F 'file=@$cat_photo' 'http://127.0.0.1:$COMPOSE_API_PORT/predict' | python3 -c 'import json,sys; d=json.load(sys.stdin); p=d[\"predictions\"]; print(\"      model\", d.get(\"model\"), \"top-1\", p[0][\"label\"]); sys.exit(0 if d.get(\"model\") == \"efficientnet_lite0\" and d.get(\"trained\") is True and p[0][\"index\"] in (281, 282, 285) else 1)'"
+  check "compose api: /models lists the baked-in repository (efficientnet_lite0 default, resnet18)" bash -c \
+    "curl -fsS http://127.0.0.1:$COMPOSE_API_PORT/models | python3 -c 'import json,sys; d=json.load(sys.stdin); n=sorted(m[\"name\"] for m in d[\"models\"] if m[\"state\"] == \"ready\"); print(\"      ready models\", n); sys.exit(0 if n == [\"efficientnet_lite0\", \"resnet18\"] and d[\"default_model\"] == \"efficientnet_lite0\" else 1)'"
 fi
 compose down -v --remove-orphans >/dev/null 2>&1 && compose_up=0
 check "docker-compose down" [ "$compose_up" = 0 ]
