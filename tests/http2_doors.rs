@@ -243,6 +243,28 @@ fn read_until_closed(s: &mut TcpStream, limit: Duration) -> Outcome {
     }
 }
 
+/// A raw connection that asks for `GET /health` (the health service's Check on the gRPC door)
+/// with its flow-control window shut (SETTINGS INITIAL_WINDOW_SIZE 0): the response's body
+/// cannot come until the client sends a WINDOW_UPDATE.
+async fn shut_window_request(addr: SocketAddr, door: &'static str) -> TcpStream {
+    let block = request_block(door, true);
+    tokio::task::spawn_blocking(move || {
+        let mut s = raw_connection(addr, &[(0x4, 0)]);
+        if door == "grpc" {
+            s.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
+                .unwrap();
+            s.write_all(&frame(DATA, END_STREAM, 1, &[0, 0, 0, 0, 0]))
+                .unwrap();
+        } else {
+            s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
+                .unwrap();
+        }
+        s
+    })
+    .await
+    .unwrap()
+}
+
 /// Whether the connection still answers a PING.
 fn answers_ping(s: &mut TcpStream) -> bool {
     if s.write_all(&frame(PING, 0, 0, b"tchserve")).is_err() {
@@ -599,22 +621,7 @@ async fn a_shut_window_is_closed_after_the_send_timeout_on_both_doors() {
     let doors = Doors::start(&["--send-timeout-secs", "1"]).await;
     for door in DOORS {
         let addr = doors.addr(door);
-        let block = request_block(door, true);
-        let stalled = tokio::task::spawn_blocking(move || {
-            let mut s = raw_connection(addr, &[(0x4, 0)]);
-            if door == "grpc" {
-                s.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
-                    .unwrap();
-                s.write_all(&frame(DATA, END_STREAM, 1, &[0, 0, 0, 0, 0]))
-                    .unwrap();
-            } else {
-                s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
-                    .unwrap();
-            }
-            s
-        })
-        .await
-        .unwrap();
+        let stalled = shut_window_request(addr, door).await;
         let sending =
             format!("tch_serve_connections_by_state{{door=\"{door}\",state=\"sending\"}}");
         assert!(
@@ -658,22 +665,7 @@ async fn a_response_on_its_way_at_shutdown_is_delivered_on_both_doors() {
         ])
         .await;
         let addr = doors.addr(door);
-        let block = request_block(door, true);
-        let waiting = tokio::task::spawn_blocking(move || {
-            let mut s = raw_connection(addr, &[(0x4, 0)]);
-            if door == "grpc" {
-                s.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
-                    .unwrap();
-                s.write_all(&frame(DATA, END_STREAM, 1, &[0, 0, 0, 0, 0]))
-                    .unwrap();
-            } else {
-                s.write_all(&frame(HEADERS, END_HEADERS | END_STREAM, 1, &block))
-                    .unwrap();
-            }
-            s
-        })
-        .await
-        .unwrap();
+        let waiting = shut_window_request(addr, door).await;
         let sending =
             format!("tch_serve_connections_by_state{{door=\"{door}\",state=\"sending\"}}");
         assert!(
