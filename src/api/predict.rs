@@ -277,8 +277,13 @@ pub struct PredictQuery {
     pub model: Option<String>,
 }
 
-/// `top_k` and `model` from the query string: an absent `top_k` gives the default, anything but
-/// 1..=max is a 400; other keys are ignored.
+/// The longest model name: a model is a folder of the repository, and no file system has longer
+/// names.
+const MAX_MODEL_NAME_BYTES: usize = 255;
+
+/// `top_k` and `model` from the query string, percent-decoded (`+` is a space, as in forms): an
+/// absent `top_k` gives the default, anything but 1..=max is a 400, as is a model name longer
+/// than a folder name can be; other keys are ignored.
 pub fn parse_query(
     query: Option<&str>,
     default: usize,
@@ -286,9 +291,8 @@ pub fn parse_query(
 ) -> Result<PredictQuery, ApiError> {
     let mut k = default;
     let mut model = None;
-    for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        match key {
+    for (key, value) in form_urlencoded::parse(query.unwrap_or("").as_bytes()) {
+        match key.as_ref() {
             "top_k" => {
                 k = value.parse::<usize>().map_err(|_| {
                     ApiError::InvalidParameter(format!(
@@ -297,7 +301,13 @@ pub fn parse_query(
                     ))
                 })?;
             }
-            "model" if !value.is_empty() => model = Some(value.chars().take(100).collect()),
+            "model" if value.len() > MAX_MODEL_NAME_BYTES => {
+                return Err(ApiError::InvalidParameter(format!(
+                    "model names are at most {MAX_MODEL_NAME_BYTES} bytes, got {}",
+                    value.len()
+                )));
+            }
+            "model" if !value.is_empty() => model = Some(value.into_owned()),
             "model" => {
                 return Err(ApiError::InvalidParameter(
                     "model must name a model: ?model=NAME".into(),
@@ -513,14 +523,24 @@ mod tests {
         let q = parse_query(Some("model=efficientnet_lite0&top_k=2"), 5, 100).unwrap();
         assert_eq!(q.model.as_deref(), Some("efficientnet_lite0"));
         assert_eq!(q.top_k, 2);
-        let long = format!("model={}", "x".repeat(10_000));
+        // Keys and values are percent-decoded (and `+` is a space), as clients encode them.
+        let q = parse_query(Some("model=efficientnet%5Flite0&top%5Fk=2"), 5, 100).unwrap();
+        assert_eq!(q.model.as_deref(), Some("efficientnet_lite0"));
+        assert_eq!(q.top_k, 2);
+        let q = parse_query(Some("model=my+model%2Fv2"), 5, 100).unwrap();
+        assert_eq!(q.model.as_deref(), Some("my model/v2"));
+        // A name longer than any folder name is refused, not cut to a name it is not.
+        let longest = format!("model={}", "x".repeat(255));
         assert_eq!(
-            parse_query(Some(&long), 5, 100)
+            parse_query(Some(&longest), 5, 100)
                 .unwrap()
                 .model
                 .unwrap()
                 .len(),
-            100
+            255
         );
+        let long = format!("model={}", "x".repeat(10_000));
+        let err = parse_query(Some(&long), 5, 100).unwrap_err();
+        assert_eq!(err.code(), "invalid_parameter");
     }
 }
