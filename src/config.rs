@@ -601,8 +601,14 @@ pub fn available_cpus() -> usize {
 
 /// The CPU features that decide which precisions run fast here, from /proc/cpuinfo (x86-64
 /// Linux): `avx2`, `avx512f`, `avx512_bf16`, `amx_bf16`, `amx_int8`, `avx512_vnni`,
-/// `avx_vnni`. Empty where the file is not there.
-pub fn cpu_features() -> Vec<&'static str> {
+/// `avx_vnni`. Empty where the file is not there. Read once: the flags do not change while the
+/// process runs, and `/health` reports them on every probe.
+pub fn cpu_features() -> &'static [&'static str] {
+    static FEATURES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
+    FEATURES.get_or_init(read_cpu_features)
+}
+
+fn read_cpu_features() -> Vec<&'static str> {
     const FEATURES: [&str; 7] = [
         "avx2",
         "avx512f",

@@ -9,12 +9,19 @@
 //! A (re)load builds a new [`Pipeline`] beside the one being served, which goes on serving
 //! until the new one is loaded and warm; then the new one is swapped in. Requests in flight hold
 //! the pipeline they started on and finish on it; the old worker ends once the last of them is
-//! done. A version that fails to load is reported and never replaces a working one.
+//! done. A version that fails to load is reported and never replaces a working one; the poller
+//! tries it again when its files change, or after a backoff (30 s, doubling to 15 min), never
+//! on every poll.
+//!
+//! Each model's state is written only by the holder of its slot's operation lock (a load, an
+//! unload, the end of an unload), and the disk is read outside every lock: a scan runs on the
+//! blocking pool before the slots are looked at, so a slow volume delays the poll, not
+//! `/health`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
@@ -137,11 +144,15 @@ pub struct ModelView {
     pub warmup_ms: Option<f64>,
 }
 
-/// A model found on disk: its versions and their folders.
+/// A model found on disk: its versions and their folders, the version to serve, and that
+/// version's files as they were when the disk was read.
 #[derive(Debug, Clone)]
 struct Found {
     folder: PathBuf,
     versions: BTreeMap<u64, PathBuf>,
+    /// Pinned (`--model-version`, the model's `config.json`) or the highest.
+    chosen: u64,
+    files: Fingerprint,
 }
 
 /// One model's slot: the pipeline being served and what is known of its versions.
@@ -163,9 +174,52 @@ struct SlotStatus {
     versions: BTreeMap<u64, VersionStatus>,
     /// Files of the version being served, to notice a change in place.
     fingerprint: Option<Fingerprint>,
+    /// The last failed load, until a load succeeds: when and on what to try again.
+    retry: Option<Retry>,
+}
+
+/// A version that failed to load: the poller tries it again once its files differ from these,
+/// or at `at`.
+#[derive(Debug)]
+struct Retry {
+    version: u64,
+    files: Fingerprint,
+    attempts: u32,
+    at: Instant,
+}
+
+/// How long the poller waits before it tries a failed version again (with unchanged files):
+/// 30 s after the first failure, doubling with each one after, at most 15 minutes.
+pub fn retry_delay(attempts: u32) -> Duration {
+    let doublings = attempts.saturating_sub(1).min(5);
+    (Duration::from_secs(30) * (1 << doublings)).min(Duration::from_secs(15 * 60))
 }
 
 type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
+
+impl Slot {
+    /// The model's state, and why when it is not ready.
+    fn state(&self) -> (ModelState, Option<String>) {
+        let s = self.status.lock().unwrap();
+        let serving = self.serving.read().unwrap().clone();
+        state_of(serving.as_deref(), &s)
+    }
+}
+
+fn state_of(serving: Option<&Pipeline>, s: &SlotStatus) -> (ModelState, Option<String>) {
+    match serving {
+        Some(p) => match p.readiness() {
+            Ok(()) => (ModelState::Ready, None),
+            Err(_) if matches!(p.state(), WorkerState::Loading) => (ModelState::Loading, None),
+            Err(why) => (ModelState::Unavailable, Some(why)),
+        },
+        None if s.loading.is_some() => (ModelState::Loading, None),
+        None if s.unloading => (ModelState::Unloading, None),
+        None if s.failure.is_some() => (ModelState::Failed, s.failure.clone()),
+        None if s.wanted => (ModelState::Loading, None),
+        None => (ModelState::Unavailable, None),
+    }
+}
 
 /// Every model being served, by name.
 pub struct Repository {
@@ -227,19 +281,16 @@ impl Repository {
     }
 
     fn discover(&self) -> Result<BTreeMap<String, Found>, String> {
-        match &self.source {
-            ModelSource::Single(dir) => {
-                let meta = ModelMetadata::load(dir).map_err(|e| format!("{e:#}"))?;
-                Ok(BTreeMap::from([(
-                    meta.name,
-                    Found {
-                        folder: dir.clone(),
-                        versions: BTreeMap::from([(1, dir.clone())]),
-                    },
-                )]))
-            }
-            ModelSource::Repository(root) => discover_repository(root),
-        }
+        scan(&self.source, &self.pins)
+    }
+
+    /// [`Repository::discover`] on the blocking pool: the disk is never read in a task, nor
+    /// under a lock.
+    async fn scan(&self) -> Result<BTreeMap<String, Found>, String> {
+        let (source, pins) = (self.source.clone(), self.pins.clone());
+        tokio::task::spawn_blocking(move || scan(&source, &pins))
+            .await
+            .map_err(|e| format!("scanning the model repository: {e}"))?
     }
 
     fn slot(&self, name: &str) -> Option<Arc<Slot>> {
@@ -321,7 +372,7 @@ impl Repository {
 
     /// [`Repository::load`] in the caller's task (the poller's, which is never dropped midway).
     async fn load_in_place(&self, name: &str) -> Result<ModelView, RepoError> {
-        let found = self.discover().map_err(|reason| RepoError::LoadFailed {
+        let found = self.scan().await.map_err(|reason| RepoError::LoadFailed {
             model: name.to_owned(),
             reason,
         })?;
@@ -333,7 +384,7 @@ impl Repository {
         };
         let slot = self.slot_or_new(name);
         let _op = slot.op.lock().await;
-        let version = self.chosen_version(name, model);
+        let version = model.chosen;
         {
             let mut s = slot.status.lock().unwrap();
             s.wanted = true;
@@ -353,7 +404,7 @@ impl Repository {
             let mut s = slot.status.lock().unwrap();
             s.loading = None;
             match &result {
-                Ok((pipeline, fingerprint)) => {
+                Ok(pipeline) => {
                     let old = slot.serving.write().unwrap().replace(pipeline.clone());
                     if let Some(old) = old
                         && old.version != version
@@ -364,7 +415,8 @@ impl Repository {
                     s.versions
                         .insert(version, version_status(version, "ready", None));
                     s.failure = None;
-                    s.fingerprint = Some(fingerprint.clone());
+                    s.fingerprint = Some(model.files.clone());
+                    s.retry = None;
                 }
                 Err(reason) => {
                     s.versions.insert(
@@ -372,12 +424,22 @@ impl Repository {
                         version_status(version, "failed", Some(reason.clone())),
                     );
                     s.failure = Some(format!("version {version} failed to load: {reason}"));
+                    let attempts = match &s.retry {
+                        Some(r) if r.version == version && r.files == model.files => r.attempts + 1,
+                        _ => 1,
+                    };
+                    s.retry = Some(Retry {
+                        version,
+                        files: model.files.clone(),
+                        attempts,
+                        at: Instant::now() + retry_delay(attempts),
+                    });
                 }
             }
         }
         self.publish_state(name, &slot);
         match result {
-            Ok((pipeline, _)) => {
+            Ok(pipeline) => {
                 let s = &pipeline.settings;
                 let trained = pipeline.meta.trained.to_string();
                 let precision = format!("{:?}", s.precision).to_lowercase();
@@ -402,27 +464,13 @@ impl Repository {
         }
     }
 
-    fn chosen_version(&self, name: &str, model: &Found) -> u64 {
-        let highest = *model
-            .versions
-            .keys()
-            .next_back()
-            .expect("a model has a version");
-        let pinned = self.pins.get(name).copied().or_else(|| {
-            read_overrides(&model.folder.join("config.json"))
-                .ok()
-                .and_then(|o| o.version)
-        });
-        pinned.unwrap_or(highest)
-    }
-
-    /// Builds, starts and warms one version; the pipeline and its files' fingerprint, or why not.
+    /// Builds, starts and warms one version; the pipeline, or why not.
     async fn start_version(
         &self,
         name: &str,
         model: &Found,
         version: u64,
-    ) -> Result<(Arc<Pipeline>, Fingerprint), String> {
+    ) -> Result<Arc<Pipeline>, String> {
         let Some(dir) = model.versions.get(&version) else {
             return Err(format!(
                 "version {version} is not in the repository (found: {})",
@@ -435,7 +483,6 @@ impl Repository {
             ));
         };
         let spec = self.spec(name, version, &model.folder, dir)?;
-        let fingerprint = fingerprint(&spec);
         let pipeline = Arc::new(
             Pipeline::start(spec, &self.shared)
                 .map_err(|e| format!("starting its worker thread: {e}"))?,
@@ -444,7 +491,7 @@ impl Repository {
         let m = self.shared.metrics.model(name);
         m.load_seconds.set(report.load_time.as_secs_f64());
         m.warmup_seconds.set(report.warmup_time.as_secs_f64());
-        Ok((pipeline, fingerprint))
+        Ok(pipeline)
     }
 
     fn spec(
@@ -491,6 +538,7 @@ impl Repository {
             s.wanted = false;
             s.failure = None;
             s.fingerprint = None;
+            s.retry = None;
             if let Some(p) = &old {
                 s.unloading = true;
                 s.versions
@@ -509,8 +557,11 @@ impl Repository {
             let name = name.to_owned();
             tokio::spawn(async move {
                 let _ = exited.wait_for(WorkerState::has_exited).await;
+                // As the slot's owner: a load since the unload may be serving already, and
+                // its state is what is published.
+                let _op = slot.op.lock().await;
                 slot.status.lock().unwrap().unloading = false;
-                metrics.set_model_state(&name, ModelState::Unavailable.as_str());
+                metrics.set_model_state(&name, slot.state().0.as_str());
                 tracing::info!(model = %name, "model unloaded");
             });
         }
@@ -531,32 +582,21 @@ impl Repository {
     /// Loads what should be loaded: new models and versions, files changed in place; unloads
     /// models whose folder is gone. Models unloaded through the API stay unloaded.
     pub async fn poll(&self) {
-        let found = match self.discover() {
+        let found = match self.scan().await {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(error = %e, "scanning the model repository failed");
                 return;
             }
         };
+        let now = Instant::now();
         for (name, model) in &found {
-            let slot = self.slot(name);
-            let want = match &slot {
+            let want = match self.slot(name) {
                 None => true,
                 Some(slot) => {
                     let s = slot.status.lock().unwrap();
                     let serving = slot.serving.read().unwrap().clone();
-                    let chosen = self.chosen_version(name, model);
-                    s.wanted
-                        && s.loading.is_none()
-                        && match serving {
-                            None => s.versions.get(&chosen).is_none_or(|v| v.state != "failed"),
-                            Some(p) => {
-                                p.version != chosen
-                                    || self
-                                        .spec_fingerprint(name, chosen, model)
-                                        .is_some_and(|f| Some(&f) != s.fingerprint.as_ref())
-                            }
-                        }
+                    wants_load(&s, serving.as_deref(), model, now)
                 }
             };
             if want {
@@ -573,13 +613,6 @@ impl Repository {
                 let _ = self.unload(&name).await;
             }
         }
-    }
-
-    fn spec_fingerprint(&self, name: &str, version: u64, model: &Found) -> Option<Fingerprint> {
-        let dir = model.versions.get(&version)?;
-        self.spec(name, version, &model.folder, dir)
-            .ok()
-            .map(|s| fingerprint(&s))
     }
 
     /// `Ok` when every model that should be loaded is served and ready; otherwise what is not.
@@ -656,22 +689,14 @@ impl Repository {
     fn view_of(&self, name: &str, slot: &Slot) -> ModelView {
         let s = slot.status.lock().unwrap();
         let serving = slot.serving.read().unwrap().clone();
-        let (state, reason) = match (&serving, &s) {
-            (Some(p), _) => match p.readiness() {
-                Ok(()) => (ModelState::Ready, None),
-                Err(_) if matches!(p.state(), WorkerState::Loading) => (ModelState::Loading, None),
-                Err(why) => (ModelState::Unavailable, Some(why)),
-            },
-            (None, s) if s.loading.is_some() => (ModelState::Loading, None),
-            (None, s) if s.unloading => (ModelState::Unloading, None),
-            (None, s) if s.failure.is_some() => (ModelState::Failed, s.failure.clone()),
-            (None, s) if s.wanted => (ModelState::Loading, None),
-            (None, _) => (
+        let (state, reason) = match state_of(serving.as_deref(), &s) {
+            (ModelState::Unavailable, None) => (
                 ModelState::Unavailable,
                 Some(format!(
                     "it is not loaded (load it with POST /models/{name}/load)"
                 )),
             ),
+            other => other,
         };
         // A failed newer version is reported beside the one still being served.
         let reason = reason.or_else(|| {
@@ -784,20 +809,99 @@ fn discover_repository(root: &Path) -> Result<BTreeMap<String, Found>, String> {
             tracing::warn!(folder = %folder.display(), "a model folder's name must be letters, digits, '_', '-' or '.', at most 64 long: skipped");
             continue;
         }
-        found.insert(name, Found { folder, versions });
+        found.insert(
+            name,
+            Found {
+                folder,
+                versions,
+                chosen: 0,
+                files: Vec::new(),
+            },
+        );
     }
     Ok(found)
 }
 
-fn fingerprint(spec: &ModelSpec) -> Fingerprint {
-    let mut files = vec![
-        spec.meta.model_path(&spec.dir),
-        spec.dir.join("metadata.json"),
-        spec.dir.join("config.json"),
-    ];
-    if let Some(folder) = spec.dir.parent() {
+/// Whether the poller should (re)load a model it has a slot for: wanted, not loading, and its
+/// chosen version failed with other files or is due for a retry, or is not the one served, or
+/// has changed in place. Reads nothing but what the scan found.
+fn wants_load(s: &SlotStatus, serving: Option<&Pipeline>, model: &Found, now: Instant) -> bool {
+    if !s.wanted || s.loading.is_some() {
+        return false;
+    }
+    if let Some(r) = &s.retry
+        && r.version == model.chosen
+    {
+        return r.files != model.files || now >= r.at;
+    }
+    match serving {
+        None => true,
+        Some(p) => p.version != model.chosen || s.fingerprint.as_ref() != Some(&model.files),
+    }
+}
+
+/// The models of the source, each with its chosen version and that version's files.
+fn scan(
+    source: &ModelSource,
+    pins: &HashMap<String, u64>,
+) -> Result<BTreeMap<String, Found>, String> {
+    let mut found = match source {
+        ModelSource::Single(dir) => {
+            let meta = ModelMetadata::load(dir).map_err(|e| format!("{e:#}"))?;
+            BTreeMap::from([(
+                meta.name,
+                Found {
+                    folder: dir.clone(),
+                    versions: BTreeMap::from([(1, dir.clone())]),
+                    chosen: 1,
+                    files: Vec::new(),
+                },
+            )])
+        }
+        ModelSource::Repository(root) => discover_repository(root)?,
+    };
+    for (name, model) in found.iter_mut() {
+        let highest = *model
+            .versions
+            .keys()
+            .next_back()
+            .expect("a model has a version");
+        let pinned = pins.get(name).copied().or_else(|| {
+            read_overrides(&model.folder.join("config.json"))
+                .ok()
+                .and_then(|o| o.version)
+        });
+        model.chosen = pinned.unwrap_or(highest);
+        model.files = model
+            .versions
+            .get(&model.chosen)
+            .map(|dir| files_of(&model.folder, dir))
+            .unwrap_or_default();
+    }
+    Ok(found)
+}
+
+/// The files a version is made of, with their lengths and modification times: those of its
+/// folder, the model's `config.json` above a version folder, and the model file wherever
+/// `metadata.json` puts it.
+fn files_of(folder: &Path, dir: &Path) -> Fingerprint {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_file())
+                .collect()
+        })
+        .unwrap_or_default();
+    if dir != folder {
         files.push(folder.join("config.json"));
     }
+    if let Ok(meta) = ModelMetadata::load(dir) {
+        files.push(meta.model_path(dir));
+    }
+    files.sort();
+    files.dedup();
     files
         .into_iter()
         .map(|f| {
@@ -843,6 +947,13 @@ mod tests {
             [&1, &3]
         );
         assert!(discover_repository(&r.join("missing")).is_err());
+    }
+
+    #[test]
+    fn a_failed_version_waits_longer_after_each_failure() {
+        let delays: Vec<u64> = (1..=8).map(|n| retry_delay(n).as_secs()).collect();
+        assert_eq!(delays, [30, 60, 120, 240, 480, 900, 900, 900]);
+        assert_eq!(retry_delay(u32::MAX).as_secs(), 900);
     }
 
     #[test]

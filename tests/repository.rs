@@ -665,3 +665,232 @@ async fn busy_models_share_the_cpu_budget() {
     assert_eq!(b.await.unwrap(), 200);
     assert_eq!(gate_b.arrived(), 1);
 }
+
+/// A newer version that fails to load is tried once, not rebuilt on every poll while the old
+/// one serves; once its files are fixed in place, the next poll loads it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_version_is_not_rebuilt_on_every_poll_and_is_retried_once_fixed() {
+    let root = tempfile::tempdir().unwrap();
+    write_fake_model(&root.path().join("m/1"), "m", 3);
+    let backend = FakeBackend::default();
+    let server = repo_server(
+        root.path(),
+        &["--poll-repository-secs", "1", "--warmup-iterations", "0"],
+        backend.clone(),
+    )
+    .await;
+    let state = server.state.clone();
+    let (_addr, stop, serving) = serve_on_socket(server).await;
+    let before = backend.attempts.load(Ordering::SeqCst);
+    backend.set(
+        "m",
+        Behaviour {
+            load_error: Some("the weights are corrupt".into()),
+            ..Default::default()
+        },
+    );
+    write_fake_model(&root.path().join("m/2"), "m", 5);
+    let failed = |state: &tch_serve::server::AppState| {
+        state.repository.view("m").is_some_and(|v| {
+            v.versions
+                .iter()
+                .any(|s| s.version == 2 && s.state == "failed")
+        })
+    };
+    assert!(eventually(Duration::from_secs(20), || failed(&state)).await);
+    // Several polls later: still the one attempt, and version 1 serving.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    assert_eq!(
+        backend.attempts.load(Ordering::SeqCst) - before,
+        1,
+        "the broken version was rebuilt on every poll"
+    );
+    assert_eq!(state.repository.view("m").unwrap().version, Some(1));
+    // Fixed in place: loaded at the next poll.
+    backend.set("m", Behaviour::default());
+    std::fs::write(root.path().join("m/2/model.pt"), b"fixed").unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            state.repository.view("m").unwrap().version == Some(2)
+        })
+        .await,
+        "{:?}",
+        state.repository.view("m")
+    );
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}
+
+/// With nothing served, a model that failed to load is tried again once its files change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_model_with_nothing_served_is_retried_once_fixed() {
+    let root = fake_repository(&[("good", 3), ("bad", 3)]);
+    let backend = FakeBackend::with(
+        "bad",
+        Behaviour {
+            load_error: Some("cannot read the weights".into()),
+            ..Default::default()
+        },
+    );
+    let mut server = Server::start(
+        config(&[
+            "--model-repository",
+            root.path().to_str().unwrap(),
+            "--poll-repository-secs",
+            "1",
+        ]),
+        Arc::new(backend.clone()),
+    )
+    .unwrap();
+    assert!(server.wait_ready().await.is_err());
+    let state = server.state.clone();
+    let (_addr, stop, serving) = serve_on_socket(server).await;
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    assert_eq!(
+        state.repository.view("bad").unwrap().state.as_str(),
+        "failed",
+        "nothing changed: no retry yet"
+    );
+    backend.set("bad", Behaviour::default());
+    std::fs::write(root.path().join("bad/model.pt"), b"fixed").unwrap();
+    assert!(
+        eventually(Duration::from_secs(20), || {
+            state.repository.view("bad").unwrap().state.as_str() == "ready"
+        })
+        .await,
+        "{:?}",
+        state.repository.view("bad")
+    );
+    assert!(state.repository.readiness().is_ok());
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}
+
+/// An unload whose old worker ends after the model was loaded again leaves the state metric
+/// `ready`: only the owner of the slot writes its state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unload_that_finishes_after_a_reload_leaves_the_model_ready() {
+    let root = fake_repository(&[("a", 3), ("b", 4)]);
+    let gate = Gate::default();
+    let backend = FakeBackend::with(
+        "b",
+        Behaviour {
+            gate: Some(gate.clone()),
+            ..Default::default()
+        },
+    );
+    let server = repo_server(
+        root.path(),
+        &[
+            "--enable-model-control",
+            "--default-model",
+            "a",
+            "--warmup-iterations",
+            "0",
+        ],
+        backend.clone(),
+    )
+    .await;
+    // A request holds b's worker at its forward pass.
+    let router = server.router();
+    let held = tokio::spawn(async move {
+        use tower::ServiceExt;
+        let resp = router
+            .oneshot(predict_raw("/models/b/predict", "image/png", png(1)))
+            .await
+            .unwrap();
+        resp.status()
+    });
+    gate.wait_arrived(1).await;
+    let (resp, body) = send(&server, post("/models/b/unload")).await;
+    assert_eq!(resp.status(), 200, "{body}");
+    let (resp, body) = send(&server, post("/models/b/load")).await;
+    assert_eq!(resp.status(), 200, "{body}");
+    let ready = |text: &str| {
+        metric(text, "tch_serve_model_state{model=\"b\",state=\"ready\"}") == Some(1.0)
+    };
+    assert!(ready(&server.state.metrics.render()));
+    // The old worker ends now, after the new one is serving.
+    gate.open();
+    assert_eq!(held.await.unwrap(), 200);
+    let metrics = server.state.metrics.clone();
+    assert!(
+        !eventually(Duration::from_secs(2), || !ready(&metrics.render())).await,
+        "the old worker's end marked the reloaded model: {}",
+        metrics
+            .render()
+            .lines()
+            .filter(|l| l.starts_with("tch_serve_model_state{model=\"b\""))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert_eq!(
+        server.state.repository.view("b").unwrap().state.as_str(),
+        "ready"
+    );
+}
+
+/// A poll that waits on a slow file (a named pipe nobody writes, standing in for a stalled
+/// network volume) holds no lock that /health needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_poll_stuck_on_a_file_does_not_block_health() {
+    let root = tempfile::tempdir().unwrap();
+    write_fake_model(&root.path().join("m/1"), "m", 3);
+    let server = repo_server(
+        root.path(),
+        &["--poll-repository-secs", "1"],
+        FakeBackend::default(),
+    )
+    .await;
+    let fifo = root.path().join("m/config.json");
+    let made = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(made.success());
+    let state = server.state.clone();
+    let (addr, stop, serving) = serve_on_socket(server).await;
+    // Past the next poll, which blocks opening the pipe. (Slept on a thread of its own: a
+    // runtime worker stuck in a file read can stall the runtime's timers.)
+    tokio::task::spawn_blocking(|| std::thread::sleep(Duration::from_millis(2500)))
+        .await
+        .unwrap();
+    // From a thread of its own, with a socket timeout: a stuck runtime cannot hide the answer.
+    let health = std::thread::spawn(move || -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(addr)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))?;
+        s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")?;
+        let mut head = [0u8; 12];
+        s.read_exact(&mut head)?;
+        Ok(String::from_utf8_lossy(&head).into_owned())
+    });
+    let answered = tokio::task::spawn_blocking(move || health.join().unwrap())
+        .await
+        .unwrap();
+    // Let the poll go: the pipe, moved aside, is opened for writing and closed (EOF), and a
+    // plain file takes its place.
+    let aside = root.path().join("m/fifo");
+    std::fs::rename(&fifo, &aside).unwrap();
+    std::fs::write(&fifo, "{}").unwrap();
+    let release = std::thread::spawn(move || {
+        use std::os::unix::fs::OpenOptionsExt;
+        // O_NONBLOCK: the open fails at once while no reader has the pipe open.
+        for _ in 0..200 {
+            let opened = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(0o4000)
+                .open(&aside);
+            if opened.is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+    });
+    let status = answered.expect("/health waited behind a poll stuck on a file");
+    assert_eq!(status, "HTTP/1.1 200");
+    assert_eq!(state.repository.view("m").unwrap().state.as_str(), "ready");
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+    release.join().unwrap();
+}

@@ -76,8 +76,8 @@ pub async fn health(State(state): State<Arc<AppState>>) -> Response {
         weights: default.as_ref().and_then(|m| m.weights.clone()),
         models,
         cpu_features: crate::config::cpu_features()
-            .into_iter()
-            .map(str::to_owned)
+            .iter()
+            .map(|f| f.to_string())
             .collect(),
         version: env!("CARGO_PKG_VERSION").into(),
         error: reason.as_ref().map(|r| format!("not ready: {r}")),

@@ -22,7 +22,7 @@ impl Backend for TorchBackend {
         let s = &spec.settings;
         let device = resolve_device(parse_device(&s.device).map_err(anyhow::Error::msg)?)?;
         if device == Device::Cpu && s.precision == Precision::Bf16 && !s.allow_emulated_bf16 {
-            check_native_bf16(&spec.name, &crate::config::cpu_features())?;
+            check_native_bf16(&spec.name, crate::config::cpu_features())?;
         }
         let model =
             TorchClassifier::load(&spec.dir, &spec.meta, device, s.precision, s.memory_format)?;

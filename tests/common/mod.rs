@@ -186,7 +186,10 @@ impl Classifier for FakeClassifier {
 #[derive(Clone, Default)]
 pub struct FakeBackend {
     pub behaviours: Arc<Mutex<HashMap<String, Behaviour>>>,
+    /// Loads that succeeded.
     pub loads: Arc<AtomicUsize>,
+    /// Every load begun, failed or not.
+    pub attempts: Arc<AtomicUsize>,
     pub passes: Arc<AtomicUsize>,
     pub quiet: Arc<AtomicBool>,
 }
@@ -212,6 +215,7 @@ impl Backend for FakeBackend {
             .get(&spec.name)
             .cloned()
             .unwrap_or_default();
+        self.attempts.fetch_add(1, Ordering::SeqCst);
         if let Some(g) = &b.load_gate {
             g.pass();
         }
