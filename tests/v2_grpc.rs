@@ -680,3 +680,102 @@ async fn a_call_past_its_deadline_leaves_the_queue() {
     s.stop.cancel();
     s.task.await.unwrap().unwrap();
 }
+
+/// Without a client deadline, the server's request timeout covers the message's upload, as on
+/// /predict: a call whose message stops coming is answered DEADLINE_EXCEEDED once the
+/// request's time is up, not after the (much longer) upload timeout.
+#[tokio::test]
+async fn the_request_timeout_covers_the_message_upload() {
+    let s = start(
+        &[
+            "--request-timeout-ms",
+            "800",
+            "--upload-timeout-secs",
+            "28",
+            "--upload-rate-grace-secs",
+            "25",
+        ],
+        FakeBackend::default(),
+    )
+    .await;
+    let tcp = tokio::net::TcpStream::connect(s.grpc).await.unwrap();
+    let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(connection);
+    let request = axum::http::Request::post(format!(
+        "http://{}/inference.GRPCInferenceService/ModelInfer",
+        s.grpc
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut send) = client.send_request(request, false).unwrap();
+    // The length prefix of a 100 kB message and 10 bytes of it; then nothing.
+    let mut head = vec![0u8];
+    head.extend_from_slice(&100_000u32.to_be_bytes());
+    head.extend_from_slice(&[0; 10]);
+    send.send_data(bytes::Bytes::from(head), false).unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), async {
+        let response = response.await.unwrap();
+        let in_headers = response.headers().get("grpc-status").cloned();
+        match in_headers {
+            Some(v) => v,
+            None => {
+                let mut body = response.into_body();
+                let trailers = body.trailers().await.unwrap().unwrap();
+                trailers["grpc-status"].clone()
+            }
+        }
+    })
+    .await
+    .expect("the call's upload outlived the request timeout");
+    assert_eq!(status, (Code::DeadlineExceeded as i32).to_string().as_str());
+    drop(send);
+    s.stop.cancel();
+    s.task.await.unwrap().unwrap();
+}
+
+/// gzip and deflate compressed messages (tritonclient's `compression_algorithm`) answer as
+/// uncompressed ones; one that inflates past the message limit is RESOURCE_EXHAUSTED or
+/// OUT_OF_RANGE, and the server goes on serving.
+#[tokio::test]
+async fn compressed_messages_answer_as_uncompressed() {
+    use tonic::codec::CompressionEncoding;
+    let s = start(&["--max-body-bytes", "1000000"], FakeBackend::default()).await;
+    let images = [png(1), png(2)];
+    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    let plain = client(s.grpc)
+        .await
+        .model_infer(images_request(&refs))
+        .await
+        .unwrap()
+        .into_inner();
+    for encoding in [CompressionEncoding::Gzip, CompressionEncoding::Deflate] {
+        let mut c = client(s.grpc).await.send_compressed(encoding);
+        let r = c
+            .model_infer(images_request(&refs))
+            .await
+            .unwrap_or_else(|e| panic!("{encoding:?}: {e}"))
+            .into_inner();
+        assert_eq!(
+            r.raw_output_contents, plain.raw_output_contents,
+            "{encoding:?}"
+        );
+        // 5 MB of one byte, a few kilobytes compressed.
+        let big = vec![7u8; 5_000_000];
+        let e = c.model_infer(images_request(&[&big])).await.unwrap_err();
+        assert!(
+            matches!(e.code(), Code::ResourceExhausted | Code::OutOfRange),
+            "{encoding:?}: {e:?}"
+        );
+    }
+    let again = client(s.grpc)
+        .await
+        .model_infer(images_request(&refs))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.raw_output_contents, plain.raw_output_contents);
+    s.stop.cancel();
+    s.task.await.unwrap().unwrap();
+}

@@ -753,9 +753,18 @@ async fn malformed_requests_get_clear_errors_and_do_no_harm() {
             "bad_request",
         ),
         (
-            "compressed body",
+            "a body said to be gzip that is not",
             Request::post(uri)
                 .header("content-encoding", "gzip")
+                .body(Body::from(images_json(&[&img]).to_string()))
+                .unwrap(),
+            400,
+            "bad_request",
+        ),
+        (
+            "an encoding the server does not take",
+            Request::post(uri)
+                .header("content-encoding", "zstd")
                 .body(Body::from(images_json(&[&img]).to_string()))
                 .unwrap(),
             415,
@@ -840,4 +849,97 @@ async fn openapi_describes_the_v2_routes() {
             .get("InferRequestBody")
             .is_some()
     );
+}
+
+/// The request timeout covers the upload, as /predict's does: a body that stops coming is
+/// answered when the request's time is up, not when the (much longer) upload timeout is.
+#[tokio::test]
+async fn the_request_timeout_covers_the_upload_as_on_predict() {
+    let server = fake_server(
+        &[
+            "--request-timeout-ms",
+            "800",
+            "--upload-timeout-secs",
+            "28",
+            "--upload-rate-grace-secs",
+            "25",
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    for (uri, content_type) in [
+        ("/predict", "image/png"),
+        ("/v2/models/fake/infer", "application/json"),
+    ] {
+        use futures_util::StreamExt;
+        let first = futures_util::stream::iter([Ok::<_, std::io::Error>(
+            axum::body::Bytes::from_static(b"{\"inputs\": ["),
+        )]);
+        let body = Body::from_stream(first.chain(futures_util::stream::pending()));
+        let req = Request::post(uri)
+            .header("content-type", content_type)
+            .header("content-length", "100000")
+            .body(body)
+            .unwrap();
+        let answered = tokio::time::timeout(Duration::from_secs(10), send(&server, req)).await;
+        let (resp, body) =
+            answered.unwrap_or_else(|_| panic!("{uri}: the upload outlived the request timeout"));
+        assert_error(&resp, &body, 408, "request_timeout");
+    }
+}
+
+/// `Content-Encoding: gzip` and `deflate` (zlib, as tritonclient sends it) bodies are taken,
+/// decompressed within the body limit: the same answer as uncompressed; a body that inflates
+/// past the limit is 413, a corrupt one 400, another encoding 415.
+#[tokio::test]
+async fn gzip_and_deflate_bodies_answer_as_uncompressed() {
+    use std::io::Write;
+    let server = fake_server(&["--max-body-bytes", "1000000"], Duration::ZERO).await;
+    let json = images_json(&[&png(3)]).to_string().into_bytes();
+    let compressed = |encoding: &str, data: &[u8]| -> Vec<u8> {
+        match encoding.to_ascii_lowercase().as_str() {
+            "gzip" => {
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+            _ => {
+                let mut e =
+                    flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+                e.write_all(data).unwrap();
+                e.finish().unwrap()
+            }
+        }
+    };
+    let request = |encoding: &str, body: Vec<u8>| {
+        Request::post("/v2/models/fake/infer")
+            .header("content-type", "application/json")
+            .header("content-encoding", encoding)
+            .body(Body::from(body))
+            .unwrap()
+    };
+    let (r, plain) = send(
+        &server,
+        post_json("/v2/models/fake/infer", images_json(&[&png(3)])),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{plain}");
+    for encoding in ["gzip", "deflate", "GZIP"] {
+        let (r, body) = send(&server, request(encoding, compressed(encoding, &json))).await;
+        assert_eq!(r.status(), 200, "{encoding}: {body}");
+        assert_eq!(body["outputs"], plain["outputs"], "{encoding}");
+    }
+    // 5 MB of zeros in a few kilobytes: refused at the limit, without holding the 5 MB.
+    let bomb = compressed("gzip", &vec![b' '; 5_000_000]);
+    assert!(bomb.len() < 50_000);
+    let (r, body) = send(&server, request("gzip", bomb)).await;
+    assert_error(&r, &body, 413, "payload_too_large");
+    let (r, body) = send(&server, request("gzip", b"\x1f\x8b\x08\0garbage".to_vec())).await;
+    assert_error(&r, &body, 400, "bad_request");
+    assert!(body["error"].as_str().unwrap().contains("gzip"), "{body}");
+    let (r, body) = send(&server, request("br", json.clone())).await;
+    assert_error(&r, &body, 415, "unsupported_media_type");
+    let (r, _) = send(&server, get("/v2/health/ready")).await;
+    assert_eq!(r.status(), 200);
 }

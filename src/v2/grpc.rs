@@ -7,10 +7,13 @@
 //! Every call passes through [`call`], as every HTTP request passes through the HTTP door's
 //! layers: a `request` span (the child of the caller's `traceparent`), the caller's
 //! `grpc-timeout` from the moment the call arrived (past it the call is dropped, and with it
-//! its images' places, and answered DEADLINE_EXCEEDED), and the request body drawn from the
-//! upload budget as its bytes arrive, under the upload deadlines, and held to `--max-body-bytes`
-//! from its length prefix on (RESOURCE_EXHAUSTED, as gRPC's own servers answer a message over
-//! their limit).
+//! its images' places, and answered DEADLINE_EXCEEDED), the server's request timeout from the
+//! same moment (so that it covers the message's upload, as on `/predict`), and the request body
+//! drawn from the upload budget as its bytes arrive, under the upload deadlines, and held to
+//! `--max-body-bytes` from its length prefix on (RESOURCE_EXHAUSTED, as gRPC's own servers
+//! answer a message over their limit). Messages may come gzip or deflate compressed
+//! (`grpc-encoding`, tritonclient's `compression_algorithm`), held to the same limit once
+//! decompressed.
 //!
 //! Errors are gRPC statuses: INVALID_ARGUMENT (a malformed request or one over the limits),
 //! NOT_FOUND (model or version), UNAVAILABLE (not ready), RESOURCE_EXHAUSTED (at capacity, with
@@ -69,6 +72,8 @@ impl Service {
         GrpcInferenceServiceServer::new(Self::new(state))
             .max_decoding_message_size(max)
             .max_encoding_message_size(usize::MAX)
+            .accept_compressed(tonic::codec::CompressionEncoding::Gzip)
+            .accept_compressed(tonic::codec::CompressionEncoding::Deflate)
     }
 }
 
@@ -132,8 +137,14 @@ pub async fn call(State(state): State<Arc<AppState>>, request: Request, next: Ne
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
         .map(|t| arrived + t);
+    // The message arrives within the server's request timeout too, as a body on /predict does.
+    let upload_deadline = Some(
+        deadline.map_or(arrived + state.config.request_timeout(), |d| {
+            d.min(arrived + state.config.request_timeout())
+        }),
+    );
     let work = async move {
-        let (request, receiving) = match state.uploads.receive(request, deadline) {
+        let (request, receiving) = match state.uploads.receive(request, upload_deadline) {
             Ok(r) => r,
             Err(e) => return status_response(&status(&e)),
         };
@@ -513,12 +524,10 @@ impl GrpcInferenceService for Service {
         if let Err(e) = authorize(&self.state, &request) {
             return record.finish("", Err(e));
         }
-        // The time left of the caller's deadline, counted from the call's arrival.
-        let deadline = request
-            .extensions()
-            .get::<CallTiming>()
-            .and_then(|t| t.deadline)
-            .map(|d| d.saturating_duration_since(tokio::time::Instant::now()));
+        // The caller's deadline and the server's time limit, both from the call's arrival.
+        let timing = request.extensions().get::<CallTiming>().copied();
+        let deadline =
+            timing.and_then(|t| t.deadline.map(|d| d.saturating_duration_since(t.arrived)));
         let r = request.into_inner();
         let pipeline = match super::resolve(&self.state, &r.model_name, Some(&r.model_version)) {
             Ok(p) => p,
@@ -526,6 +535,7 @@ impl GrpcInferenceService for Service {
         };
         let result = async {
             let mut request = decode(r)?;
+            request.arrived = timing.map(|t| t.arrived);
             request.timeout = match (request.timeout, deadline) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
@@ -594,6 +604,7 @@ pub fn decode(r: ModelInferRequest) -> Result<super::Request, ApiError> {
     Ok(super::Request {
         id: (!r.id.is_empty()).then_some(r.id),
         timeout: timeout.map(Duration::from_micros),
+        arrived: None,
         inputs,
         outputs,
     })

@@ -126,6 +126,8 @@ pub struct Request {
     pub id: Option<String>,
     /// The client's own time limit (`parameters.timeout` in microseconds, gRPC's deadline).
     pub timeout: Option<Duration>,
+    /// When the request arrived: its time limit runs from then (from now when not given).
+    pub arrived: Option<tokio::time::Instant>,
     pub inputs: Vec<InputTensor>,
     /// Empty: every output, by default settings.
     pub outputs: Vec<OutputRequest>,
@@ -447,7 +449,8 @@ pub async fn infer(
     let batch = prepare(&request, pipeline, state.config.max_images_per_request)?;
     let server = state.config.request_timeout();
     let budget = request.timeout.map_or(server, |t| t.min(server));
-    let answers = match tokio::time::timeout(budget, run(pipeline, batch)).await {
+    let deadline = request.arrived.unwrap_or_else(tokio::time::Instant::now) + budget;
+    let answers = match tokio::time::timeout_at(deadline, run(pipeline, batch)).await {
         Ok(answers) => answers?,
         Err(_) => {
             return Err(ApiError::Timeout {

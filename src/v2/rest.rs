@@ -4,6 +4,11 @@
 //!
 //! Errors are the protocol's `{"error": "..."}`, with the server's usual `code` beside it and the
 //! server's status codes (503 with Retry-After when at capacity, 504 past the time limit, ...).
+//!
+//! A request's time limit runs from its arrival, so it covers the upload as `/predict`'s does.
+//! Bodies may come compressed (`Content-Encoding: gzip` or `deflate`, as tritonclient's
+//! `request_compression_algorithm` sends them): they are decompressed as they arrive, the
+//! decompressed bytes held to `--max-body-bytes` and drawn from the upload budget.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -273,8 +278,9 @@ pub async fn infer(
         Ok(p) => p,
         Err(e) => return e.into_response(),
     };
+    let arrived = tokio::time::Instant::now();
     let mut received = None;
-    let result = serve(&state, &pipeline, request, &mut received).await;
+    let result = serve(&state, &pipeline, request, arrived, &mut received).await;
     let mut response = result.unwrap_or_else(IntoResponse::into_response);
     if let Some(at) = received {
         response.extensions_mut().insert(BodyReceived(at));
@@ -286,6 +292,7 @@ async fn serve(
     state: &Arc<AppState>,
     pipeline: &Arc<crate::pipeline::Pipeline>,
     request: Request,
+    arrived: tokio::time::Instant,
     received: &mut Option<Instant>,
 ) -> Result<Response, ApiError> {
     // Refused before the body is read while the model cannot serve.
@@ -297,16 +304,7 @@ async fn serve(
     })?;
     let limit = state.config.max_body_bytes;
     let headers = request.headers().clone();
-    if let Some(enc) = headers
-        .get(header::CONTENT_ENCODING)
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.eq_ignore_ascii_case("identity"))
-    {
-        return Err(ApiError::UnsupportedMediaType(format!(
-            "Content-Encoding {:?} is not supported: send the request uncompressed",
-            short(enc)
-        )));
-    }
+    let encoding = Encoding::of(&headers)?;
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
@@ -328,13 +326,83 @@ async fn serve(
                 })?,
         ),
     };
-    // The body under the upload budget and deadlines, as every front door's.
-    let body = state.uploads.read_all(request, limit, None).await?;
+    // The body under the upload budget and deadlines, as every front door's, decompressed first
+    // if it comes compressed; within the request's time from its arrival.
+    let request = encoding.decoded(request);
+    let deadline = arrived + state.config.request_timeout();
+    let body = state
+        .uploads
+        .read_all(request, limit, Some(deadline))
+        .await?;
     *received = Some(Instant::now());
-    let parsed = parse(&body, header_length)?;
+    let mut parsed = parse(&body, header_length)?;
+    parsed.request.arrived = Some(arrived);
     let binary_output = parsed.binary_output;
     let response = super::infer(state, pipeline, parsed.request).await?;
     Ok(encode(response, binary_output))
+}
+
+/// A request body's `Content-Encoding`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Encoding {
+    Identity,
+    Gzip,
+    /// zlib, as RFC 9110 defines `deflate` (and tritonclient sends it).
+    Deflate,
+}
+
+impl Encoding {
+    /// The body's encoding; 415 for one the server does not take.
+    fn of(headers: &axum::http::HeaderMap) -> Result<Self, ApiError> {
+        let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+            return Ok(Self::Identity);
+        };
+        let value = value.to_str().unwrap_or("").trim();
+        if value.is_empty() || value.eq_ignore_ascii_case("identity") {
+            Ok(Self::Identity)
+        } else if value.eq_ignore_ascii_case("gzip") || value.eq_ignore_ascii_case("x-gzip") {
+            Ok(Self::Gzip)
+        } else if value.eq_ignore_ascii_case("deflate") {
+            Ok(Self::Deflate)
+        } else {
+            Err(ApiError::UnsupportedMediaType(format!(
+                "Content-Encoding {:?} is not supported: send the request uncompressed, or gzip or deflate",
+                short(value)
+            )))
+        }
+    }
+
+    /// The request with its body decompressed as it is read (its length no longer known).
+    fn decoded(self, request: Request) -> Request {
+        use async_compression::tokio::bufread::{GzipDecoder, ZlibDecoder};
+        use futures_util::TryStreamExt;
+        use tokio_util::io::{ReaderStream, StreamReader};
+        let name = match self {
+            Self::Identity => return request,
+            Self::Gzip => "gzip",
+            Self::Deflate => "deflate",
+        };
+        let (mut parts, body) = request.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        parts.headers.remove(header::CONTENT_ENCODING);
+        let raw = StreamReader::new(body.into_data_stream().map_err(std::io::Error::other));
+        let reader: std::pin::Pin<Box<dyn tokio::io::AsyncRead + Send>> = match self {
+            Self::Gzip => Box::pin(GzipDecoder::new(raw)),
+            _ => Box::pin(ZlibDecoder::new(raw)),
+        };
+        // The body's own errors come through as `Other`; the rest are the decoder's.
+        let stream = ReaderStream::new(reader).map_err(move |e| {
+            if e.kind() != std::io::ErrorKind::Other {
+                std::io::Error::new(
+                    e.kind(),
+                    format!("the {name} body could not be decompressed: {e}"),
+                )
+            } else {
+                e
+            }
+        });
+        Request::from_parts(parts, Body::from_stream(stream))
+    }
 }
 
 /// A REST request decoded: the protocol-neutral request, and `binary_data_output`.
@@ -424,6 +492,7 @@ pub fn parse(body: &Bytes, header_length: Option<usize>) -> Result<Parsed, ApiEr
         request: super::Request {
             id: json.id,
             timeout: timeout.map(Duration::from_micros),
+            arrived: None,
             inputs,
             outputs,
         },
