@@ -6,12 +6,15 @@
 #
 #   1. venvs: .venv-tritonclient (tritonclient[http,grpc], tests/protocol/requirements-tritonclient.txt)
 #      and .venv-kserve (KServe's SDK, heavy, tests/protocol/requirements-kserve.txt), each made and
-#      filled when missing or when its requirements file changed;
+#      filled when missing or when its requirements file changed; NVIDIA's perf_analyzer in
+#      .venv-perf (bench/perf-analyzer.sh);
 #   2. the server: target/release/tch-serve on the model repository models/ (resnet18 and the
-#      pretrained efficientnet_lite0, as `make run` serves it), HTTP and gRPC on free ports of
-#      127.0.0.1, until /v2/health/ready answers 200;
-#   3. pytest tests/protocol/test_tritonclient.py in the first venv, test_kserve.py in the
-#      second (answers compared with /predict's for the accuracy photos);
+#      pretrained efficientnet_lite0, as `make run` serves it) with --enable-model-control, HTTP
+#      and gRPC on free ports of 127.0.0.1, until /v2/health/ready answers 200;
+#   3. pytest tests/protocol/test_tritonclient.py and test_perf_analyzer.py in the first venv
+#      (tritonclient's inference, model repository, configuration and statistics calls;
+#      perf_analyzer on both doors), test_kserve.py in the second (answers compared with
+#      /predict's for the accuracy photos);
 #   4. the server is stopped (SIGTERM) and must exit 0 within its shutdown timeout.
 #
 # The last line is "N passed, M failed"; the exit status is non-zero on failure. Logs go to
@@ -56,6 +59,7 @@ venv() {
 start=$SECONDS
 venv .venv-tritonclient tests/protocol/requirements-tritonclient.txt || fail_setup "pip install into .venv-tritonclient"
 venv .venv-kserve tests/protocol/requirements-kserve.txt || fail_setup "pip install into .venv-kserve"
+bench/perf-analyzer.sh >"$work/perf-analyzer.log" 2>&1 || { tail -20 "$work/perf-analyzer.log" >&2; fail_setup "bench/perf-analyzer.sh"; }
 echo "venvs ready in $((SECONDS - start)) s"
 
 free_port() {
@@ -66,7 +70,7 @@ grpc_port="$(free_port)"
 while [ "$grpc_port" = "$http_port" ]; do grpc_port="$(free_port)"; done
 
 "$BIN" serve --model-repository "$MODELS" --default-model resnet18 --host 127.0.0.1 \
-    --port "$http_port" --grpc-port "$grpc_port" --warmup-iterations 1 \
+    --port "$http_port" --grpc-port "$grpc_port" --warmup-iterations 1 --enable-model-control \
     --shutdown-timeout-secs 10 >"$work/server.log" 2>&1 &
 server=$!
 stop_server() {
@@ -96,6 +100,7 @@ echo "server ready: HTTP 127.0.0.1:$http_port, gRPC 127.0.0.1:$grpc_port"
 
 export TCH_SERVE_HTTP="127.0.0.1:$http_port" TCH_SERVE_GRPC="127.0.0.1:$grpc_port"
 export TCH_SERVE_PHOTOS="$PHOTOS" TCH_SERVE_MODELS="$MODELS"
+export TCH_SERVE_PERF_ANALYZER="$root/.venv-perf/bin/perf_analyzer"
 
 # run_pytest VENV FILE: adds its counts from the JUnit report.
 run_pytest() {
@@ -127,6 +132,7 @@ EOF
     failed=$((failed + f))
 }
 run_pytest .venv-tritonclient tests/protocol/test_tritonclient.py
+run_pytest .venv-tritonclient tests/protocol/test_perf_analyzer.py
 run_pytest .venv-kserve tests/protocol/test_kserve.py
 
 echo

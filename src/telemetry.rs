@@ -9,7 +9,8 @@ use prometheus::{
     Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::http::HeaderMap;
@@ -233,7 +234,36 @@ pub struct Metrics {
     warmup_seconds: GaugeVec,
     model_state: IntGaugeVec,
     model_info: IntGaugeVec,
+    inference_requests: HistogramVec,
+    last_inference: GaugeVec,
+    /// Forward passes by model and batch size: (count, seconds), for the statistics extension.
+    batches: Mutex<HashMap<String, BatchTimes>>,
+    /// Inference requests by model, as the statistics extension counts them.
+    requests_by_model: Mutex<HashMap<String, RequestStats>>,
 }
+
+/// Where an answered request's time went: the longest its images waited in the queue, the
+/// decoding and preprocessing of all of them, the longest forward pass among theirs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestTimes {
+    pub queue: Duration,
+    pub compute_input: Duration,
+    pub compute_infer: Duration,
+}
+
+/// A model's inference requests as Triton counts them: each answered request once in
+/// `success` and once in each of the times; each refused or failed one in `fail`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RequestStats {
+    pub success: (u64, Duration),
+    pub fail: (u64, Duration),
+    pub queue: Duration,
+    pub compute_input: Duration,
+    pub compute_infer: Duration,
+}
+
+/// A model's forward passes by batch size: how many, and their total time in seconds.
+pub type BatchTimes = Arc<Mutex<BTreeMap<usize, (u64, f64)>>>;
 
 /// One model's series, bound to its label once.
 #[derive(Clone)]
@@ -250,6 +280,9 @@ pub struct ModelMetrics {
     pub inference_failures: IntCounter,
     pub load_seconds: prometheus::Gauge,
     pub warmup_seconds: prometheus::Gauge,
+    /// When the model last answered an image (seconds since the epoch).
+    pub last_inference: prometheus::Gauge,
+    pub batch_stats: BatchTimes,
 }
 
 fn histogram(name: &str, help: &str, labels: &[&str], buckets: &[f64]) -> HistogramVec {
@@ -444,6 +477,22 @@ impl Metrics {
                 "Always 1 for the version being served; labels describe it.",
                 &["model", "version", "device", "precision", "trained"],
             ),
+            inference_requests: histogram(
+                "tch_serve_inference_request_duration_seconds",
+                "Inference requests that reached a model (/predict and both v2 doors), from their arrival to their answer, by model and outcome: success, or failure (refused or failed).",
+                &["model", "outcome"],
+                LATENCY_BUCKETS,
+            ),
+            last_inference: GaugeVec::new(
+                Opts::new(
+                    "tch_serve_last_inference_timestamp_seconds",
+                    "When the model last answered an image, in seconds since the epoch.",
+                ),
+                &["model"],
+            )
+            .expect("valid gauge"),
+            batches: Mutex::new(HashMap::new()),
+            requests_by_model: Mutex::new(HashMap::new()),
         };
         let collectors: Vec<Box<dyn Collector>> = vec![
             Box::new(m.requests.clone()),
@@ -468,6 +517,8 @@ impl Metrics {
             Box::new(m.preprocess_duration.clone()),
             Box::new(m.inference_duration.clone()),
             Box::new(m.batch_size.clone()),
+            Box::new(m.inference_requests.clone()),
+            Box::new(m.last_inference.clone()),
             Box::new(m.queue_depth.clone()),
             Box::new(m.inflight_images.clone()),
             Box::new(m.queue_capacity.clone()),
@@ -523,7 +574,49 @@ impl Metrics {
             inference_failures: self.inference_failures.with_label_values(l),
             load_seconds: self.load_seconds.with_label_values(l),
             warmup_seconds: self.warmup_seconds.with_label_values(l),
+            last_inference: self.last_inference.with_label_values(l),
+            batch_stats: self
+                .batches
+                .lock()
+                .unwrap()
+                .entry(name.to_owned())
+                .or_default()
+                .clone(),
         }
+    }
+
+    /// Counts an inference request that reached `model`: answered (with where its time went)
+    /// or not, and its time from arrival to answer.
+    pub fn record_inference(&self, model: &str, answered: Option<RequestTimes>, took: Duration) {
+        let outcome = if answered.is_some() {
+            "success"
+        } else {
+            "failure"
+        };
+        self.inference_requests
+            .with_label_values(&[model, outcome])
+            .observe(took.as_secs_f64());
+        let mut all = self.requests_by_model.lock().unwrap();
+        let s = all.entry(model.to_owned()).or_default();
+        match answered {
+            Some(t) => {
+                s.success = (s.success.0 + 1, s.success.1 + took);
+                s.queue += t.queue;
+                s.compute_input += t.compute_input;
+                s.compute_infer += t.compute_infer;
+            }
+            None => s.fail = (s.fail.0 + 1, s.fail.1 + took),
+        }
+    }
+
+    /// The model's inference requests so far.
+    pub fn request_stats(&self, model: &str) -> RequestStats {
+        self.requests_by_model
+            .lock()
+            .unwrap()
+            .get(model)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Sets the model's state series: 1 for `state`, 0 for the others.

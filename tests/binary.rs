@@ -206,7 +206,7 @@ fn cuda_requested_without_a_gpu_fails_at_start_up_and_says_why() {
 #[test]
 fn bf16_is_refused_where_the_cpu_only_emulates_it() {
     let features = tch_serve::config::cpu_features();
-    let native = tch_serve::config::native_bf16(&features);
+    let native = tch_serve::config::native_bf16(features);
     let run = |extra: &[&str]| {
         let port = free_port();
         let mut child = Command::new(BIN)

@@ -779,3 +779,111 @@ async fn compressed_messages_answer_as_uncompressed() {
     s.stop.cancel();
     s.task.await.unwrap().unwrap();
 }
+
+/// Triton's model repository, model configuration and statistics extensions over gRPC.
+#[tokio::test]
+async fn repository_config_and_statistics_extensions() {
+    let s = start(&["--enable-model-control"], FakeBackend::default()).await;
+    let mut c = client(s.grpc).await;
+    let index = c
+        .repository_index(RepositoryIndexRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let entry = &index.models[0];
+    assert_eq!(
+        (
+            entry.name.as_str(),
+            entry.version.as_str(),
+            entry.state.as_str()
+        ),
+        ("fake", "1", "READY")
+    );
+    let cfg = c
+        .model_config(ModelConfigRequest {
+            name: "fake".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .config
+        .unwrap();
+    assert_eq!(cfg.name, "fake");
+    assert!(cfg.max_batch_size >= 1);
+    assert_eq!(cfg.input[0].dims, vec![3, INPUT as i64, INPUT as i64]);
+    assert_eq!(cfg.input[0].data_type, DataType::TypeFp32 as i32);
+    assert_eq!(cfg.input[1].data_type, DataType::TypeString as i32);
+    assert_eq!(cfg.output[0].dims, vec![10]);
+    assert_eq!(
+        cfg.instance_group[0].kind,
+        model_instance_group::Kind::Cpu as i32
+    );
+    let e = c
+        .model_config(ModelConfigRequest {
+            name: "zzz".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    let stats = |mut c: GrpcInferenceServiceClient<Channel>| async move {
+        c.model_statistics(ModelStatisticsRequest {
+            name: "fake".into(),
+            version: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .model_stats
+        .remove(0)
+    };
+    let before = stats(c.clone()).await;
+    let images = [png(1), png(2), png(3)];
+    let refs: Vec<&[u8]> = images.iter().map(Vec::as_slice).collect();
+    c.model_infer(images_request(&refs)).await.unwrap();
+    let after = stats(c.clone()).await;
+    assert_eq!(after.inference_count - before.inference_count, 3);
+    let success = |s: &ModelStatistics| s.inference_stats.as_ref().unwrap().success.unwrap();
+    assert_eq!(success(&after).count - success(&before).count, 1);
+    assert!(success(&after).ns > success(&before).ns);
+    assert!(after.last_inference > 0);
+    assert!(!after.batch_stats.is_empty());
+
+    c.repository_model_unload(RepositoryModelUnloadRequest {
+        model_name: "fake".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let e = c.model_infer(images_request(&refs)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    let mut params = HashMap::new();
+    params.insert(
+        "config".to_owned(),
+        ModelRepositoryParameter {
+            parameter_choice: Some(model_repository_parameter::ParameterChoice::StringParam(
+                "{}".into(),
+            )),
+        },
+    );
+    let e = c
+        .repository_model_load(RepositoryModelLoadRequest {
+            model_name: "fake".into(),
+            parameters: params,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    c.repository_model_load(RepositoryModelLoadRequest {
+        model_name: "fake".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    c.model_infer(images_request(&refs)).await.unwrap();
+    s.stop.cancel();
+    s.task.await.unwrap().unwrap();
+}

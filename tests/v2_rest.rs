@@ -141,7 +141,7 @@ async fn server_and_model_metadata_health_and_readiness() {
             body["inputs"],
             serde_json::json!([
                 {"name": "input", "datatype": "FP32", "shape": [-1, 3, INPUT, INPUT]},
-                {"name": "image", "datatype": "BYTES", "shape": [-1]},
+                {"name": "image", "datatype": "BYTES", "shape": [-1, 1]},
             ])
         );
         assert_eq!(
@@ -942,4 +942,215 @@ async fn gzip_and_deflate_bodies_answer_as_uncompressed() {
     assert_error(&r, &body, 415, "unsupported_media_type");
     let (r, _) = send(&server, get("/v2/health/ready")).await;
     assert_eq!(r.status(), 200);
+}
+
+/// Triton's model repository, model configuration and statistics extensions over REST.
+#[tokio::test]
+async fn repository_config_and_statistics_extensions() {
+    let root = fake_repository(&[("a", 4), ("b", 6)]);
+    let repo = root.path().to_str().unwrap();
+    let mut server = tch_serve::Server::start(
+        config(&[
+            "--model-repository",
+            repo,
+            "--enable-model-control",
+            "--max-batch-size",
+            "4",
+        ]),
+        std::sync::Arc::new(FakeBackend::default()),
+    )
+    .unwrap();
+    server.wait_ready().await.unwrap();
+    let (_, meta) = send(&server, get("/v2")).await;
+    for ext in ["model_repository", "model_configuration", "statistics"] {
+        assert!(
+            meta["extensions"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e == ext),
+            "{meta}"
+        );
+    }
+    let index = |server: &tch_serve::Server, body: &'static str| {
+        let req = Request::post("/v2/repository/index")
+            .body(Body::from(body))
+            .unwrap();
+        let server = server.router();
+        async move {
+            let resp = server.oneshot(req).await.unwrap();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|m| {
+                    (
+                        m["name"].as_str().unwrap().to_owned(),
+                        m["version"].as_str().unwrap().to_owned(),
+                        m["state"].as_str().unwrap().to_owned(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    let ready = |n: &str| (n.to_owned(), "1".to_owned(), "READY".to_owned());
+    assert_eq!(index(&server, "").await, vec![ready("a"), ready("b")]);
+
+    // The configuration, as perf_analyzer reads it.
+    let (r, cfg) = send(&server, get("/v2/models/a/config")).await;
+    assert_eq!(r.status(), 200, "{cfg}");
+    assert_eq!(cfg["name"], "a");
+    assert_eq!(cfg["platform"], "pytorch_libtorch");
+    assert_eq!(cfg["max_batch_size"], 4);
+    assert_eq!(cfg["input"][0]["name"], "input");
+    assert_eq!(
+        cfg["input"][0]["dims"],
+        serde_json::json!([3, INPUT, INPUT])
+    );
+    assert_eq!(cfg["input"][1]["data_type"], "TYPE_STRING");
+    assert_eq!(cfg["output"][0]["dims"], serde_json::json!([4]));
+    assert_eq!(cfg["instance_group"][0]["kind"], "KIND_CPU");
+    assert_eq!(
+        cfg["version_policy"]["specific"]["versions"],
+        serde_json::json!([1])
+    );
+    let (r, _) = send(&server, get("/v2/models/a/versions/1/config")).await;
+    assert_eq!(r.status(), 200);
+    for (uri, status) in [
+        ("/v2/models/zzz/config", 404),
+        ("/v2/models/a/versions/2/config", 404),
+        ("/v2/models/zzz/stats", 404),
+    ] {
+        let (r, body) = send(&server, get(uri)).await;
+        assert_eq!(r.status().as_u16(), status, "{uri}: {body}");
+        assert!(body["error"].is_string(), "{uri}: {body}");
+    }
+
+    // Statistics count what was served and refused.
+    let stats = |server: &tch_serve::Server| {
+        let router = server.router();
+        async move {
+            let resp = router.oneshot(get("/v2/models/a/stats")).await.unwrap();
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            v["model_stats"][0].clone()
+        }
+    };
+    let before = stats(&server).await;
+    let (r, body) = send(
+        &server,
+        post_json("/v2/models/a/infer", images_json(&[&png(1), &png(2)])),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{body}");
+    let (r, _) = send(
+        &server,
+        post_json("/v2/models/a/infer", images_json(&[b"not an image"])),
+    )
+    .await;
+    assert_eq!(r.status(), 415);
+    let after = stats(&server).await;
+    let n = |v: &serde_json::Value, path: &[&str]| {
+        path.iter()
+            .fold(v, |v, k| &v[*k])
+            .as_u64()
+            .unwrap_or_else(|| panic!("{path:?} in {v}"))
+    };
+    let delta = |path: &[&str]| n(&after, path) - n(&before, path);
+    assert_eq!(after["name"], "a");
+    assert_eq!(after["version"], "1");
+    assert_eq!(delta(&["inference_count"]), 2);
+    assert!(delta(&["execution_count"]) >= 1);
+    assert_eq!(delta(&["inference_stats", "success", "count"]), 1);
+    assert_eq!(delta(&["inference_stats", "fail", "count"]), 1);
+    // Each answered request once in the queue and compute times, as Triton counts them.
+    for part in ["queue", "compute_input", "compute_infer", "compute_output"] {
+        assert_eq!(delta(&["inference_stats", part, "count"]), 1, "{part}");
+    }
+    assert!(delta(&["inference_stats", "compute_input", "ns"]) > 0);
+    assert!(delta(&["inference_stats", "success", "ns"]) > 0);
+    assert!(delta(&["inference_stats", "compute_infer", "ns"]) > 0);
+    assert!(n(&after, &["last_inference"]) > 1_700_000_000_000);
+    let batched: u64 = after["batch_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| n(b, &["batch_size"]) * n(b, &["compute_infer", "count"]))
+        .sum();
+    assert_eq!(batched, n(&after, &["inference_count"]));
+    let (_, all) = send(&server, get("/v2/models/stats")).await;
+    let names: Vec<&str> = all["model_stats"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
+
+    // Unload and load through the repository extension.
+    let (r, body) = send(
+        &server,
+        post_json(
+            "/v2/repository/models/b/unload",
+            serde_json::json!({"parameters": {"unload_dependents": false}}),
+        ),
+    )
+    .await;
+    assert_eq!(r.status(), 200, "{body}");
+    let (r, _) = send(
+        &server,
+        post_json("/v2/models/b/infer", images_json(&[&png(1)])),
+    )
+    .await;
+    assert_eq!(r.status(), 503);
+    let states = index(&server, "{}").await;
+    assert!(
+        matches!(states[1].2.as_str(), "UNLOADING" | "UNAVAILABLE"),
+        "{states:?}"
+    );
+    assert_eq!(index(&server, r#"{"ready": true}"#).await, vec![ready("a")]);
+    let load = |body: serde_json::Value| post_json("/v2/repository/models/b/load", body);
+    let (r, body) = send(&server, load(serde_json::json!({}))).await;
+    assert_eq!(r.status(), 200, "{body}");
+    let (r, _) = send(
+        &server,
+        post_json("/v2/models/b/infer", images_json(&[&png(1)])),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let (r, body) = send(
+        &server,
+        load(serde_json::json!({"parameters": {"config": "{\"max_batch_size\": 2}"}})),
+    )
+    .await;
+    assert_error(&r, &body, 400, "invalid_parameter");
+    let (r, body) = send(&server, post("/v2/repository/models/zzz/load")).await;
+    assert_error(&r, &body, 404, "model_not_found");
+    let (r, body) = send(
+        &server,
+        post_json("/v2/repository/index", serde_json::json!([1])),
+    )
+    .await;
+    assert_error(&r, &body, 400, "bad_request");
+
+    // Without --enable-model-control: the index is there, loading and unloading are not.
+    let mut closed = tch_serve::Server::start(
+        config(&["--model-repository", repo]),
+        std::sync::Arc::new(FakeBackend::default()),
+    )
+    .unwrap();
+    closed.wait_ready().await.unwrap();
+    assert_eq!(index(&closed, "").await.len(), 2);
+    for uri in [
+        "/v2/repository/models/a/load",
+        "/v2/repository/models/a/unload",
+    ] {
+        let (r, body) = send(&closed, post(uri)).await;
+        assert_error(&r, &body, 403, "model_control_disabled");
+    }
+}
+
+fn post(uri: &str) -> Request<Body> {
+    Request::post(uri).body(Body::empty()).unwrap()
 }

@@ -17,8 +17,9 @@ use super::models::ModelName;
 use super::upload::UploadBudget;
 use super::{BodyReceived, ModelLabel};
 use crate::error::ApiError;
-use crate::pipeline::{Pipeline, WorkerState};
+use crate::pipeline::{Classified, Pipeline, WorkerState};
 use crate::server::AppState;
+use crate::telemetry::RequestTimes;
 
 /// One class and its probability.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
@@ -156,7 +157,11 @@ async fn serve(state: &Arc<AppState>, model: Option<&str>, k: usize, request: Re
             ms: budget.as_millis() as u64,
         }),
     };
-    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    let answered = result.as_ref().ok().map(|(_, times)| *times);
+    state
+        .metrics
+        .record_inference(&pipeline.name, answered, arrived.elapsed());
+    let mut response = result.map_or_else(IntoResponse::into_response, |(r, _)| r);
     response
         .extensions_mut()
         .insert(ModelLabel(pipeline.name.clone()));
@@ -170,7 +175,7 @@ async fn classify(
     k: usize,
     arrived: Instant,
     deadline: tokio::time::Instant,
-) -> Result<Response, ApiError> {
+) -> Result<(Response, RequestTimes), ApiError> {
     // Refused at once while the model cannot serve, before the body is read.
     pipeline.readiness().map_err(|reason| {
         ApiError::Unavailable(format!(
@@ -211,6 +216,7 @@ async fn classify(
         .zip(&uploads)
         .map(|(place, upload)| pipeline.submit(place, upload.bytes.clone()));
     let answers = futures_util::future::try_join_all(pending).await?;
+    let times = Classified::times(&answers);
 
     let labels = pipeline.labels();
     let mut results = Vec::with_capacity(answers.len());
@@ -263,7 +269,7 @@ async fn classify(
     response
         .extensions_mut()
         .insert(BodyReceived(body_received));
-    Ok(response)
+    Ok((response, times))
 }
 
 fn ms(d: Duration) -> f64 {

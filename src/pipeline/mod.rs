@@ -39,7 +39,7 @@ use crate::metadata::ModelMetadata;
 use crate::model::threads::CpuBudget;
 use crate::model::{Backend, ModelSpec};
 use crate::preprocess::{ExifOrientation, JpegScaledDecode, PreprocessError, Preprocessor};
-use crate::telemetry::{Metrics, ModelMetrics};
+use crate::telemetry::{Metrics, ModelMetrics, RequestTimes};
 
 /// What every pipeline shares: the decoding pool and its memory budget, the CPU budget, the
 /// backend, the metrics.
@@ -159,6 +159,25 @@ pub struct Classified {
     pub inference_time: Duration,
     /// Images in the forward pass that served this one.
     pub batch_size: usize,
+}
+
+impl Classified {
+    /// Where the time of a request answered with `answers` went.
+    pub fn times(answers: &[Classified]) -> RequestTimes {
+        RequestTimes {
+            queue: answers
+                .iter()
+                .map(|a| a.queue_time)
+                .max()
+                .unwrap_or_default(),
+            compute_input: answers.iter().map(|a| a.image.preprocess_time).sum(),
+            compute_infer: answers
+                .iter()
+                .map(|a| a.inference_time)
+                .max()
+                .unwrap_or_default(),
+        }
+    }
 }
 
 /// The sending side of the model's queue. Closing it lets the worker finish what is queued and

@@ -417,10 +417,19 @@ fn answer(
     metrics
         .inference_duration
         .observe(inference_time.as_secs_f64());
+    {
+        let mut batches = metrics.batch_stats.lock().unwrap();
+        let (count, seconds) = batches.entry(n).or_default();
+        *count += 1;
+        *seconds += inference_time.as_secs_f64();
+    }
     let failure = match result {
         Ok(probs) if probs.len() >= n * classes => {
             health.success();
             metrics.images.inc_by(n as u64);
+            if let Ok(now) = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH) {
+                metrics.last_inference.set(now.as_secs_f64());
+            }
             for (i, job) in jobs.into_iter().enumerate() {
                 let queue_time = taken.saturating_duration_since(job.enqueued);
                 metrics.queue_wait.observe(queue_time.as_secs_f64());

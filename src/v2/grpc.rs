@@ -37,7 +37,7 @@ use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 use tracing::Instrument;
 
-use super::{Data, InputTensor, OutputRequest};
+use super::{Data, InputTensor, OutputRequest, extensions};
 use crate::api::upload::Receiving;
 use crate::error::ApiError;
 use crate::server::{AppState, Readiness};
@@ -400,6 +400,11 @@ const MODEL_READY: &str = "/inference.GRPCInferenceService/ModelReady";
 const SERVER_METADATA: &str = "/inference.GRPCInferenceService/ServerMetadata";
 const MODEL_METADATA: &str = "/inference.GRPCInferenceService/ModelMetadata";
 const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+const MODEL_CONFIG: &str = "/inference.GRPCInferenceService/ModelConfig";
+const MODEL_STATISTICS: &str = "/inference.GRPCInferenceService/ModelStatistics";
+const REPOSITORY_INDEX: &str = "/inference.GRPCInferenceService/RepositoryIndex";
+const REPOSITORY_LOAD: &str = "/inference.GRPCInferenceService/RepositoryModelLoad";
+const REPOSITORY_UNLOAD: &str = "/inference.GRPCInferenceService/RepositoryModelUnload";
 
 type Reply<T> = Result<tonic::Response<T>, Status>;
 
@@ -516,6 +521,103 @@ impl GrpcInferenceService for Service {
         record.finish(&model, result).map(tonic::Response::new)
     }
 
+    async fn model_config(
+        &self,
+        request: tonic::Request<ModelConfigRequest>,
+    ) -> Reply<ModelConfigResponse> {
+        let record = Record::new(&self.state, MODEL_CONFIG);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
+        let r = request.into_inner();
+        let result = extensions::model_config(&self.state, &r.name, Some(&r.version));
+        let model = result.as_ref().map_or(String::new(), |c| c.name.clone());
+        let result = result.map(|c| ModelConfigResponse {
+            config: Some(config_message(c)),
+        });
+        record.finish(&model, result).map(tonic::Response::new)
+    }
+
+    async fn model_statistics(
+        &self,
+        request: tonic::Request<ModelStatisticsRequest>,
+    ) -> Reply<ModelStatisticsResponse> {
+        let record = Record::new(&self.state, MODEL_STATISTICS);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
+        let r = request.into_inner();
+        let result = extensions::statistics(&self.state, &r.name, Some(&r.version)).map(|all| {
+            ModelStatisticsResponse {
+                model_stats: all.into_iter().map(statistics_message).collect(),
+            }
+        });
+        record.finish(&r.name, result).map(tonic::Response::new)
+    }
+
+    async fn repository_index(
+        &self,
+        request: tonic::Request<RepositoryIndexRequest>,
+    ) -> Reply<RepositoryIndexResponse> {
+        let record = Record::new(&self.state, REPOSITORY_INDEX);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
+        let ready = request.into_inner().ready;
+        let models = extensions::index(&self.state, ready)
+            .into_iter()
+            .map(|e| repository_index_response::ModelIndex {
+                name: e.name,
+                version: e.version,
+                state: e.state,
+                reason: e.reason,
+            })
+            .collect();
+        record
+            .finish("", Ok(RepositoryIndexResponse { models }))
+            .map(tonic::Response::new)
+    }
+
+    async fn repository_model_load(
+        &self,
+        request: tonic::Request<RepositoryModelLoadRequest>,
+    ) -> Reply<RepositoryModelLoadResponse> {
+        let record = Record::new(&self.state, REPOSITORY_LOAD);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
+        let r = request.into_inner();
+        let result = async {
+            extensions::check_load_parameters(r.parameters.keys().map(String::as_str))?;
+            extensions::load(&self.state, &r.model_name).await
+        }
+        .await;
+        record
+            .finish(
+                &r.model_name,
+                result.map(|()| RepositoryModelLoadResponse {}),
+            )
+            .map(tonic::Response::new)
+    }
+
+    async fn repository_model_unload(
+        &self,
+        request: tonic::Request<RepositoryModelUnloadRequest>,
+    ) -> Reply<RepositoryModelUnloadResponse> {
+        let record = Record::new(&self.state, REPOSITORY_UNLOAD);
+        if let Err(e) = authorize(&self.state, &request) {
+            return record.finish("", Err(e));
+        }
+        let r = request.into_inner();
+        let result = extensions::unload(&self.state, &r.model_name).await;
+        record
+            .finish(
+                &r.model_name,
+                result.map(|()| RepositoryModelUnloadResponse {}),
+            )
+            .map(tonic::Response::new)
+    }
+
     async fn model_infer(
         &self,
         request: tonic::Request<ModelInferRequest>,
@@ -542,11 +644,129 @@ impl GrpcInferenceService for Service {
             };
             super::infer(&self.state, &pipeline, request).await
         }
-        .await
-        .map(encode);
+        .await;
+        let took = timing.map_or(Duration::ZERO, |t| t.arrived.elapsed());
+        let answered = result.as_ref().ok().map(|r| r.times);
+        self.state
+            .metrics
+            .record_inference(&pipeline.name, answered, took);
+        let result = result.map(encode);
         record
             .finish(&pipeline.name, result)
             .map(tonic::Response::new)
+    }
+}
+
+/// A model's configuration as the protocol's message.
+fn config_message(c: extensions::ModelConfig) -> ModelConfig {
+    let data_type = |t: &str| DataType::from_str_name(t).unwrap_or(DataType::TypeInvalid) as i32;
+    ModelConfig {
+        name: c.name,
+        platform: c.platform,
+        backend: c.backend,
+        version_policy: Some(ModelVersionPolicy {
+            policy_choice: Some(model_version_policy::PolicyChoice::Specific(
+                model_version_policy::Specific {
+                    versions: c
+                        .version_policy
+                        .specific
+                        .versions
+                        .iter()
+                        .map(|&v| v as i64)
+                        .collect(),
+                },
+            )),
+        }),
+        max_batch_size: c.max_batch_size.min(i32::MAX as usize) as i32,
+        input: c
+            .input
+            .into_iter()
+            .map(|t| ModelInput {
+                name: t.name,
+                data_type: data_type(&t.data_type),
+                format: t
+                    .format
+                    .as_deref()
+                    .and_then(model_input::Format::from_str_name)
+                    .map_or(0, |f| f as i32),
+                dims: t.dims,
+                optional: t.optional,
+            })
+            .collect(),
+        output: c
+            .output
+            .into_iter()
+            .map(|t| ModelOutput {
+                name: t.name,
+                data_type: data_type(&t.data_type),
+                dims: t.dims,
+                label_filename: String::new(),
+            })
+            .collect(),
+        instance_group: c
+            .instance_group
+            .into_iter()
+            .map(|g| ModelInstanceGroup {
+                name: g.name,
+                count: g.count,
+                gpus: g.gpus,
+                kind: model_instance_group::Kind::from_str_name(&g.kind).map_or(0, |k| k as i32),
+            })
+            .collect(),
+        dynamic_batching: Some(ModelDynamicBatching {
+            preferred_batch_size: Vec::new(),
+            max_queue_delay_microseconds: c.dynamic_batching.max_queue_delay_microseconds,
+        }),
+        parameters: c
+            .parameters
+            .into_iter()
+            .map(|(k, p)| {
+                (
+                    k,
+                    ModelParameter {
+                        string_value: p.string_value,
+                    },
+                )
+            })
+            .collect(),
+    }
+}
+
+/// A model's statistics as the protocol's message.
+fn statistics_message(s: extensions::ModelStats) -> ModelStatistics {
+    let d = |d: extensions::Duration| {
+        Some(StatisticDuration {
+            count: d.count,
+            ns: d.ns,
+        })
+    };
+    let i = s.inference_stats;
+    ModelStatistics {
+        name: s.name,
+        version: s.version,
+        last_inference: s.last_inference,
+        inference_count: s.inference_count,
+        execution_count: s.execution_count,
+        inference_stats: Some(InferStatistics {
+            success: d(i.success),
+            fail: d(i.fail),
+            queue: d(i.queue),
+            compute_input: d(i.compute_input),
+            compute_infer: d(i.compute_infer),
+            compute_output: d(i.compute_output),
+            cache_hit: d(i.cache_hit),
+            cache_miss: d(i.cache_miss),
+        }),
+        batch_stats: s
+            .batch_stats
+            .into_iter()
+            .map(|b| InferBatchStatistics {
+                batch_size: b.batch_size,
+                compute_input: d(b.compute_input),
+                compute_infer: d(b.compute_infer),
+                compute_output: d(b.compute_output),
+            })
+            .collect(),
     }
 }
 

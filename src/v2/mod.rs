@@ -16,6 +16,7 @@
 //! extension (`parameters.classification = k`) the top k classes per image as `BYTES [N, k]`
 //! strings `"score:index:label"`.
 
+pub mod extensions;
 pub mod grpc;
 pub mod rest;
 pub mod tensor;
@@ -33,7 +34,13 @@ use tensor::DataType;
 /// The server's name in the protocol's server metadata.
 pub const SERVER_NAME: &str = "tch-serve";
 /// The protocol extensions served (names as Triton reports them).
-pub const EXTENSIONS: [&str; 2] = ["binary_tensor_data", "classification"];
+pub const EXTENSIONS: [&str; 5] = [
+    "binary_tensor_data",
+    "classification",
+    "model_repository",
+    "model_configuration",
+    "statistics",
+];
 /// The platform reported in model metadata: a TorchScript model run by libtorch.
 pub const PLATFORM: &str = "pytorch_libtorch";
 /// The preprocessed-tensor input.
@@ -75,7 +82,9 @@ impl ModelMeta {
             platform: PLATFORM.into(),
             inputs: vec![
                 tensor(INPUT_TENSOR, "FP32", vec![-1, 3, s, s]),
-                tensor(INPUT_IMAGES, "BYTES", vec![-1]),
+                // [N, 1], as Triton reports a batching model's dims [1] (the model configuration
+                // extension's); [N] is taken too.
+                tensor(INPUT_IMAGES, "BYTES", vec![-1, 1]),
             ],
             outputs: vec![tensor(
                 OUTPUT,
@@ -175,6 +184,8 @@ pub struct Response {
     pub model_version: String,
     pub id: Option<String>,
     pub outputs: Vec<OutputTensor>,
+    /// Where the request's time went, for the statistics extension.
+    pub times: crate::telemetry::RequestTimes,
 }
 
 /// What a request's input becomes: work for the pipeline.
@@ -463,6 +474,7 @@ pub async fn infer(
         model_version: pipeline.version.to_string(),
         id: request.id,
         outputs: outputs(&answers, &asked, pipeline.labels()),
+        times: Classified::times(&answers),
     })
 }
 

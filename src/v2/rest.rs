@@ -26,6 +26,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use utoipa::{OpenApi, ToSchema};
 
+use super::extensions;
 use super::tensor::JsonData;
 use super::{
     Data, EXTENSIONS, InputTensor, ModelMeta, OutputData, OutputRequest, SERVER_NAME, short,
@@ -56,13 +57,34 @@ pub fn routes(max_body_bytes: usize) -> Router<Arc<AppState>> {
             "/v2/models/{name}/versions/{version}/infer",
             post(infer).layer(limit),
         )
+        .route("/v2/models/{name}/config", get(model_config))
+        .route(
+            "/v2/models/{name}/versions/{version}/config",
+            get(model_config),
+        )
+        .route("/v2/models/stats", get(all_statistics))
+        .route("/v2/models/{name}/stats", get(model_statistics))
+        .route(
+            "/v2/models/{name}/versions/{version}/stats",
+            get(model_statistics),
+        )
+        .route("/v2/repository/index", post(repository_index))
+        .route("/v2/repository/models/{name}/load", post(repository_load))
+        .route(
+            "/v2/repository/models/{name}/unload",
+            post(repository_unload),
+        )
 }
 
 /// The OpenAPI description of the `/v2` routes, merged into the server's.
 #[derive(OpenApi)]
 #[openapi(
-    paths(server_metadata, server_live, server_ready, model_metadata, model_ready, infer),
-    components(schemas(ServerMetadata, ModelMeta, super::TensorMeta, InferRequestBody, InputBody, OutputBody, InferResponseBody, ResponseOutputBody)),
+    paths(server_metadata, server_live, server_ready, model_metadata, model_ready, infer,
+        model_config, model_statistics, all_statistics, repository_index, repository_load, repository_unload),
+    components(schemas(ServerMetadata, ModelMeta, super::TensorMeta, InferRequestBody, InputBody, OutputBody, InferResponseBody, ResponseOutputBody,
+        extensions::ModelConfig, extensions::TensorConfig, extensions::VersionPolicy, extensions::SpecificVersions,
+        extensions::DynamicBatching, extensions::InstanceGroup, extensions::Parameter, StatisticsBody,
+        extensions::ModelStats, extensions::InferStats, extensions::BatchStats, extensions::Duration, extensions::IndexEntry)),
     tags((name = "open inference protocol", description = "KServe v2 / Triton: the same models and queues as /predict"))
 )]
 pub struct V2Doc;
@@ -281,7 +303,11 @@ pub async fn infer(
     let arrived = tokio::time::Instant::now();
     let mut received = None;
     let result = serve(&state, &pipeline, request, arrived, &mut received).await;
-    let mut response = result.unwrap_or_else(IntoResponse::into_response);
+    let answered = result.as_ref().ok().map(|(_, times)| *times);
+    state
+        .metrics
+        .record_inference(&pipeline.name, answered, arrived.elapsed());
+    let mut response = result.map_or_else(IntoResponse::into_response, |(r, _)| r);
     if let Some(at) = received {
         response.extensions_mut().insert(BodyReceived(at));
     }
@@ -294,7 +320,7 @@ async fn serve(
     request: Request,
     arrived: tokio::time::Instant,
     received: &mut Option<Instant>,
-) -> Result<Response, ApiError> {
+) -> Result<(Response, crate::telemetry::RequestTimes), ApiError> {
     // Refused before the body is read while the model cannot serve.
     pipeline.readiness().map_err(|reason| {
         ApiError::Unavailable(format!(
@@ -339,7 +365,172 @@ async fn serve(
     parsed.request.arrived = Some(arrived);
     let binary_output = parsed.binary_output;
     let response = super::infer(state, pipeline, parsed.request).await?;
-    Ok(encode(response, binary_output))
+    let times = response.times;
+    Ok((encode(response, binary_output), times))
+}
+
+/// The model's configuration (Triton's model configuration extension).
+#[utoipa::path(get, path = "/v2/models/{name}/config", tag = "open inference protocol",
+    params(("name" = String, Path, description = "Model name")),
+    responses(
+        (status = 200, description = "The configuration (also at /v2/models/{name}/versions/{version}/config)", body = extensions::ModelConfig),
+        (status = 404, description = "No such model or version", body = crate::error::ErrorBody),
+        (status = 503, description = "The model is not loaded", body = crate::error::ErrorBody),
+    ))]
+pub async fn model_config(
+    State(state): State<Arc<AppState>>,
+    params: Result<Path<HashMap<String, String>>, PathRejection>,
+) -> Response {
+    let (name, version) = match path(params) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    match extensions::model_config(&state, &name, version.as_deref()) {
+        Ok(c) => {
+            let model = c.name.clone();
+            labelled(Json(c).into_response(), &model)
+        }
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Statistics of every served model.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StatisticsBody {
+    pub model_stats: Vec<extensions::ModelStats>,
+}
+
+/// A model's cumulative statistics (Triton's statistics extension): requests, queue, decoding
+/// and forward pass times in nanoseconds, and forward passes by batch size.
+#[utoipa::path(get, path = "/v2/models/{name}/stats", tag = "open inference protocol",
+    params(("name" = String, Path, description = "Model name")),
+    responses(
+        (status = 200, description = "The statistics (also at /v2/models/{name}/versions/{version}/stats)", body = StatisticsBody),
+        (status = 404, description = "No such model or version", body = crate::error::ErrorBody),
+    ))]
+pub async fn model_statistics(
+    State(state): State<Arc<AppState>>,
+    params: Result<Path<HashMap<String, String>>, PathRejection>,
+) -> Response {
+    let (name, version) = match path(params) {
+        Ok(p) => p,
+        Err(e) => return e.into_response(),
+    };
+    statistics_response(&state, &name, version.as_deref())
+}
+
+/// Every served model's statistics.
+#[utoipa::path(get, path = "/v2/models/stats", tag = "open inference protocol",
+    responses((status = 200, description = "The statistics of every served model", body = StatisticsBody)))]
+pub async fn all_statistics(State(state): State<Arc<AppState>>) -> Response {
+    statistics_response(&state, "", None)
+}
+
+fn statistics_response(state: &AppState, name: &str, version: Option<&str>) -> Response {
+    match extensions::statistics(state, name, version) {
+        Ok(model_stats) => Json(StatisticsBody { model_stats }).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// A small JSON body of a repository request (64 KiB at most; empty: `{}`).
+async fn small_json<T: serde::de::DeserializeOwned + Default>(
+    state: &AppState,
+    request: Request,
+) -> Result<T, ApiError> {
+    let deadline = tokio::time::Instant::now() + state.config.request_timeout();
+    let body = state
+        .uploads
+        .read_all(request, 64 * 1024, Some(deadline))
+        .await?;
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(T::default());
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("the request's JSON is not valid: {e}")))
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct IndexRequest {
+    #[serde(default)]
+    ready: bool,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct RepositoryRequest {
+    #[serde(default)]
+    parameters: Map<String, Value>,
+}
+
+/// The repository's models and versions, in Triton's states (`{"ready": true}`: only those
+/// ready).
+#[utoipa::path(post, path = "/v2/repository/index", tag = "open inference protocol",
+    request_body(description = "Optional: {\"ready\": true} for the ready ones only", content = Object),
+    responses((status = 200, description = "name, version, state (READY, LOADING, UNLOADING, UNAVAILABLE), reason", body = Vec<extensions::IndexEntry>)))]
+pub async fn repository_index(State(state): State<Arc<AppState>>, request: Request) -> Response {
+    match small_json::<IndexRequest>(&state, request).await {
+        Ok(r) => Json(extensions::index(&state, r.ready)).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// Loads or reloads a model from the repository (with --enable-model-control), as
+/// `POST /models/{name}/load`.
+#[utoipa::path(post, path = "/v2/repository/models/{name}/load", tag = "open inference protocol",
+    params(("name" = String, Path, description = "Model name")),
+    responses(
+        (status = 200, description = "Loaded and ready"),
+        (status = 400, description = "A `config` or `file:` parameter (not supported)", body = crate::error::ErrorBody),
+        (status = 403, description = "Model control is disabled", body = crate::error::ErrorBody),
+        (status = 404, description = "No such model in the repository", body = crate::error::ErrorBody),
+        (status = 500, description = "The model could not be loaded; the version being served, if any, stays", body = crate::error::ErrorBody),
+    ))]
+pub async fn repository_load(
+    State(state): State<Arc<AppState>>,
+    params: Result<Path<HashMap<String, String>>, PathRejection>,
+    request: Request,
+) -> Response {
+    repository_control(&state, params, request, true).await
+}
+
+/// Stops serving a model (with --enable-model-control); requests in flight finish first.
+#[utoipa::path(post, path = "/v2/repository/models/{name}/unload", tag = "open inference protocol",
+    params(("name" = String, Path, description = "Model name")),
+    responses(
+        (status = 200, description = "No longer served"),
+        (status = 403, description = "Model control is disabled", body = crate::error::ErrorBody),
+        (status = 404, description = "No such model", body = crate::error::ErrorBody),
+    ))]
+pub async fn repository_unload(
+    State(state): State<Arc<AppState>>,
+    params: Result<Path<HashMap<String, String>>, PathRejection>,
+    request: Request,
+) -> Response {
+    repository_control(&state, params, request, false).await
+}
+
+async fn repository_control(
+    state: &AppState,
+    params: Result<Path<HashMap<String, String>>, PathRejection>,
+    request: Request,
+    load: bool,
+) -> Response {
+    let result = async {
+        let (name, _) = path(params)?;
+        let body: RepositoryRequest = small_json(state, request).await?;
+        if load {
+            extensions::check_load_parameters(body.parameters.keys().map(String::as_str))?;
+            extensions::load(state, &name).await?;
+        } else {
+            extensions::unload(state, &name).await?;
+        }
+        Ok::<_, ApiError>(name)
+    }
+    .await;
+    match result {
+        Ok(name) => labelled(Json(serde_json::json!({})).into_response(), &name),
+        Err(e) => e.into_response(),
+    }
 }
 
 /// A request body's `Content-Encoding`.

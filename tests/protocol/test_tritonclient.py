@@ -4,6 +4,8 @@ binary) and with FP32 tensors, batches, the classification extension, errors. Th
 equal /predict's for the same photos (the pretrained efficientnet_lite0)."""
 
 import base64
+import functools
+import time
 
 import numpy as np
 import pytest
@@ -167,3 +169,123 @@ def test_errors_reach_the_client(client, accuracy):
     assert "224" in e.value.message()
     # The server goes on serving.
     assert c.infer(PRETRAINED, [images_input(mod, [img])]).as_numpy("probabilities").shape == (1, 1000)
+
+
+def as_dict(mod, call, *args, **kwargs):
+    """A tritonclient answer as JSON-like dicts: the gRPC client's as_json=True."""
+    if mod is grpcclient:
+        return call(*args, as_json=True, **kwargs)
+    return call(*args, **kwargs)
+
+
+def test_model_config_as_perf_analyzer_reads_it(client, metadata):
+    mod, c = client
+    cfg = as_dict(mod, c.get_model_config, PRETRAINED)
+    if mod is grpcclient:
+        cfg = cfg["config"]
+    assert cfg["name"] == PRETRAINED
+    assert cfg["platform"] == "pytorch_libtorch"
+    assert int(cfg["max_batch_size"]) >= 1
+    inputs = {i["name"]: i for i in cfg["input"]}
+    size = metadata["input_size"]
+    assert inputs["input"]["data_type"] == "TYPE_FP32"
+    assert [int(d) for d in inputs["input"]["dims"]] == [3, size, size]
+    assert inputs["image"]["data_type"] == "TYPE_STRING"
+    out = cfg["output"][0]
+    assert out["name"] == "probabilities"
+    assert [int(d) for d in out["dims"]] == [len(metadata["labels"])]
+    assert cfg["instance_group"][0]["kind"] == "KIND_CPU"
+    with pytest.raises(InferenceServerException) as e:
+        c.get_model_config("no_such_model")
+    assert "no_such_model" in e.value.message()
+
+
+def test_statistics_count_what_was_served(client, accuracy):
+    mod, c = client
+
+    def stats():
+        s = as_dict(mod, c.get_inference_statistics, PRETRAINED)
+        (one,) = s["model_stats"]
+        return one
+
+    before = stats()
+    images = [photo for _, photo, _ in accuracy[:3]]
+    c.infer(PRETRAINED, [images_input(mod, images)], outputs=[probabilities(mod)])
+    with pytest.raises(InferenceServerException):
+        c.infer(PRETRAINED, [images_input(mod, [b"not an image"])])
+    after = stats()
+    assert after["name"] == PRETRAINED and after["version"] == "1"
+    n = lambda s, *path: int(functools.reduce(lambda d, k: d.get(k, {}), path, s) or 0)
+    assert n(after, "inference_count") - n(before, "inference_count") == 3
+    assert n(after, "execution_count") > n(before, "execution_count")
+    ok = n(after, "inference_stats", "success", "count") - n(before, "inference_stats", "success", "count")
+    failed = n(after, "inference_stats", "fail", "count") - n(before, "inference_stats", "fail", "count")
+    assert (ok, failed) == (1, 1)
+    for part in ("success", "queue", "compute_input", "compute_infer"):
+        assert n(after, "inference_stats", part, "ns") > n(before, "inference_stats", part, "ns"), part
+    for part in ("queue", "compute_input", "compute_infer", "compute_output"):
+        assert n(after, "inference_stats", part, "count") - n(before, "inference_stats", part, "count") == 1, part
+    assert n(after, "last_inference") >= n(before, "last_inference") > 0
+    sizes = {int(b["batch_size"]) for b in after["batch_stats"]}
+    assert sizes and all(s >= 1 for s in sizes)
+    # Every model at once.
+    everything = as_dict(mod, c.get_inference_statistics)
+    assert {s["name"] for s in everything["model_stats"]} >= {PRETRAINED, "resnet18"}
+
+
+def test_repository_index_unload_and_load(client, accuracy):
+    """The model repository extension: the index, and unloading then loading a model while the
+    other goes on serving (the server runs with --enable-model-control)."""
+    mod, c = client
+    index = as_dict(mod, c.get_model_repository_index)
+    if mod is grpcclient:
+        index = index["models"]
+    states = {(m["name"], m.get("version")): m.get("state") for m in index}
+    assert states[(PRETRAINED, "1")] == "READY"
+    assert states[("resnet18", "1")] == "READY"
+    img = accuracy[0][1]
+    try:
+        c.unload_model("resnet18")
+        deadline = time.monotonic() + 30
+        while c.is_model_ready("resnet18") and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not c.is_model_ready("resnet18")
+        with pytest.raises(InferenceServerException) as e:
+            c.infer("resnet18", [images_input(mod, [img])])
+        assert "resnet18" in e.value.message()
+        index = as_dict(mod, c.get_model_repository_index)
+        if mod is grpcclient:
+            index = index["models"]
+        (entry,) = [m for m in index if m["name"] == "resnet18"]
+        assert entry.get("state") in ("UNLOADING", "UNAVAILABLE"), entry
+        # The other model serves on.
+        assert c.infer(PRETRAINED, [images_input(mod, [img])]).as_numpy("probabilities").shape == (1, 1000)
+    finally:
+        c.load_model("resnet18")
+    assert c.is_model_ready("resnet18")
+    assert c.infer("resnet18", [images_input(mod, [img])]).as_numpy("probabilities").shape == (1, 1000)
+    with pytest.raises(InferenceServerException) as e:
+        c.load_model("no_such_model")
+    assert "no_such_model" in e.value.message()
+    with pytest.raises(InferenceServerException) as e:
+        c.load_model("resnet18", config='{"max_batch_size": 2}')
+    assert "config" in e.value.message()
+
+
+def test_gzip_and_deflate_requests(http, grpc, accuracy):
+    """tritonclient's request compression, HTTP and gRPC: the same answer as uncompressed."""
+    img = accuracy[0][1]
+    want = http.infer(PRETRAINED, [images_input(httpclient, [img])]).as_numpy("probabilities")
+    for algorithm in ("gzip", "deflate"):
+        got = http.infer(
+            PRETRAINED,
+            [images_input(httpclient, [img])],
+            request_compression_algorithm=algorithm,
+        ).as_numpy("probabilities")
+        np.testing.assert_array_equal(got, want)
+        got = grpc.infer(
+            PRETRAINED,
+            [images_input(grpcclient, [img])],
+            compression_algorithm=algorithm,
+        ).as_numpy("probabilities")
+        np.testing.assert_array_equal(got, want)
