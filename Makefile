@@ -86,6 +86,7 @@ test-protocol: build setup
 bench: build setup target/phone-photos/manifest.json
 	$(PY) -m pip install --quiet -r bench/requirements.txt
 	bench/peers/torchserve/setup.sh
+	bench/perf-analyzer.sh
 	$(CARGO) build --release --locked --examples
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(PY) bench/run.py $(BENCH_ARGS)
 

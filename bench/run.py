@@ -18,6 +18,8 @@ Parts (all of them by default; `--only` picks some):
   v2     the Open Inference Protocol on the small photos, one server: /predict, then v2 REST
          (BYTES input, binary data extension, bench/load.js) and gRPC (ModelInfer with
          raw_input_contents, bench/load-grpc.js), images/s of each against /predict's
+  perf   NVIDIA's perf_analyzer (bench/perf-analyzer.sh installs it) on both v2 doors with BYTES
+         images, beside k6 on the same doors, server and concurrency
 All servers serve the same model file and get the same photos from the same load generator
 (k6, bench/load.js) on the same cores; server-side stage timings come from tch-serve's /metrics.
 bf16 is measured only where the CPU has native bf16 (avx512_bf16 or amx_bf16).
@@ -58,9 +60,10 @@ TORCHSERVE_DIR = os.path.join(PEERS, "torchserve")
 TORCHSERVE_VENV_BIN = os.path.join(os.environ.get("TORCHSERVE_VENV", os.path.join(ROOT, ".venv-torchserve")), "bin")
 TORCHSERVE_WORK = os.path.join(ROOT, "target", "torchserve")
 PHONE_DIR = os.path.join(ROOT, "target", "phone-photos")
+PERF_ANALYZER = os.path.join(ROOT, ".venv-perf", "bin", "perf_analyzer")
 OUT = os.path.join(ROOT, "bench", "out")
 
-PARTS = ["raw", "tch", "bf16", "sweep", "peers", "phone", "v2", "int8"]
+PARTS = ["raw", "tch", "bf16", "sweep", "peers", "phone", "v2", "perf", "int8"]
 # Batch policy and thread budget variants measured against the defaults (flags of `serve`).
 SWEEP = [
     ("defaults (max batch 8, delay 0 ms)", []),
@@ -652,6 +655,86 @@ def part_v2(ctx: dict, results: dict) -> None:
     results.setdefault("rows", []).extend(rows)
 
 
+def perf_analyzer(protocol: str, port: int, model: str, data: str, concurrency: int, seconds: int) -> dict:
+    """One perf_analyzer measurement: images/s and client-side latencies (ms) at `concurrency`."""
+    fd, csv_path = tempfile.mkstemp(suffix=".csv")
+    os.close(fd)
+    lib = glob.glob(os.path.join(ROOT, ".venv-perf", "lib", "python3*", "site-packages", "nvidia", "cuda_runtime", "lib"))
+    env = dict(os.environ, LD_LIBRARY_PATH=":".join(lib + [os.environ.get("LD_LIBRARY_PATH", "")]))
+    cmd = [PERF_ANALYZER, "-m", model, "-i", protocol, "-u", f"127.0.0.1:{port}", "--input-data", data,
+           "--concurrency-range", str(concurrency), "--measurement-interval", str(seconds * 1000),
+           "--stability-percentage", "50", "--max-trials", "4", "-f", csv_path]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=seconds * 20 + 60)
+    if out.returncode != 0:
+        raise RuntimeError(f"perf_analyzer {protocol} failed ({out.returncode}): {out.stdout[-2000:]}{out.stderr[-2000:]}")
+    with open(csv_path) as f:
+        header, row = [line.strip().split(",") for line in f.readlines()[:2]]
+    os.unlink(csv_path)
+    v = dict(zip(header, row))
+    us = lambda k: float(v[k]) / 1e3
+    return {"ok_per_s": float(v["Inferences/Second"]), "p50_ms": us("p50 latency"), "p99_ms": us("p99 latency"),
+            "concurrency": concurrency}
+
+
+def part_perf(ctx: dict, results: dict) -> None:
+    """Triton's own load generator against both v2 doors, beside k6 on the same doors: one server,
+    the same photos, the same concurrency, one after the other."""
+    md, photos, dur, vus = ctx["model_dir"], ctx["photos"], ctx["seconds"], ctx["vus"]
+    model = os.path.basename(md)
+    import base64
+    import struct
+    # perf_analyzer sends a b64 BYTES element as it is: the raw form, a 4-byte length then the file.
+    fd, data = tempfile.mkstemp(suffix=".json")
+    with os.fdopen(fd, "w") as f:
+        raw = [open(p, "rb").read() for p in photos]
+        json.dump({"data": [{"image": {"b64": base64.b64encode(struct.pack("<I", len(b)) + b).decode()}} for b in raw]}, f)
+    log(f"perf_analyzer and k6 on the v2 doors (one server, {vus} clients):")
+    server = start_tch(md, "--grpc-port", str(TCH_GRPC_PORT), name="tch-serve fp32, v2")
+    rows = []
+    try:
+        doors = [("REST", "v2-bytes", f"http://127.0.0.1:{TCH_PORT}/v2/models/{model}/infer", "http", TCH_PORT),
+                 ("gRPC", "grpc", f"127.0.0.1:{TCH_GRPC_PORT}/{model}", "grpc", TCH_GRPC_PORT)]
+        for door, body, url, protocol, port in doors:
+            k6(url, photos, "closed", "3s", vus=vus, body=body)
+            k = k6(url, photos, "closed", f"{dur}s", vus=vus, body=body)
+            rows.append({"door": door, "tool": "k6", "ok_per_s": k["ok_per_s"], "p50_ms": k["lat_ok"]["med"],
+                         "p99_ms": k["lat_ok"]["p(99)"], "errors": k["other"] + k["refused"], "concurrency": vus})
+            for c in (1, vus):
+                pa = perf_analyzer(protocol, port, model, data, c, max(3, dur // 3))
+                rows.append({"door": door, "tool": "perf_analyzer", **pa, "errors": 0})
+            for r in rows[-3:]:
+                log(f"  {door} {r['tool']} c={r['concurrency']}: {r['ok_per_s']:.1f} img/s, p50 {r['p50_ms']:.1f} ms, p99 {r['p99_ms']:.1f} ms")
+    finally:
+        stop(server)
+        os.unlink(data)
+    results["perf"] = rows
+
+
+def perf_section(r: dict) -> list[str]:
+    rows = r.get("perf") or []
+    if not rows:
+        return []
+    k6_row = {x["door"]: x for x in rows if x["tool"] == "k6"}
+
+    def vs_k6(x: dict) -> str:
+        k = k6_row.get(x["door"])
+        return f"{x['ok_per_s'] / k['ok_per_s']:.2f}x" if k and k["concurrency"] == x["concurrency"] else "-"
+
+    return [
+        "## perf_analyzer (Triton's load generator) beside k6, on both v2 doors (small photos, one server)",
+        "",
+        "NVIDIA's `perf_analyzer` (from the `tritonclient` 2.50 wheel, bench/perf-analyzer.sh) drives the server as it drives Triton:",
+        "it reads the model's metadata and configuration (the model configuration extension), sends BYTES images",
+        "(`--input-data`, the same photos as k6) at a fixed concurrency, and reports client-side latency.",
+        "",
+        "| door | tool | concurrency | images/s | vs k6 | p50 (ms) | p99 (ms) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+        *[f"| {x['door']} | {x['tool']} | {x['concurrency']} | {x['ok_per_s']:.1f} | {vs_k6(x)} | "
+          f"{x['p50_ms']:.1f} | {x['p99_ms']:.1f} |" for x in rows],
+        "",
+    ]
+
+
 def part_int8(ctx: dict, results: dict) -> None:
     """The model quantized to int8 (models/export.py --quantize int8, exported into target/ when
     missing) against its fp32 original: raw forward pass and end-to-end, one after the other in
@@ -757,13 +840,13 @@ def part_phone(ctx: dict, results: dict) -> None:
 
 
 PART_FUNCS = {"raw": part_raw, "tch": part_tch, "bf16": part_bf16, "sweep": part_sweep, "peers": part_peers,
-              "phone": part_phone, "v2": part_v2, "int8": part_int8}
+              "phone": part_phone, "v2": part_v2, "perf": part_perf, "int8": part_int8}
 
 
 def check_ready(parts: list[str]) -> list[str]:
     """What is missing for the chosen parts: every missing piece is an error, none is skipped."""
     missing = []
-    if not os.path.exists(BIN) and {"tch", "bf16", "sweep", "phone", "v2", "int8"} & set(parts):
+    if not os.path.exists(BIN) and {"tch", "bf16", "sweep", "phone", "v2", "perf", "int8"} & set(parts):
         missing.append(f"{BIN} (make build)")
     if "raw" in parts:
         missing += [f"{p} (cargo build --release --examples)" for p in (FORWARD, PREPROCESS) if not os.path.exists(p)]
@@ -776,6 +859,8 @@ def check_ready(parts: list[str]) -> list[str]:
             missing.append(f"{TORCHSERVE_VENV_BIN}/torchserve (bench/peers/torchserve/setup.sh)")
         if not shutil.which("java"):
             missing.append("java (bench/peers/torchserve/setup.sh installs openjdk-17-jre-headless)")
+    if "perf" in parts and not os.path.exists(PERF_ANALYZER):
+        missing.append(f"{PERF_ANALYZER} (bench/perf-analyzer.sh)")
     if "phone" in parts and not os.path.exists(os.path.join(PHONE_DIR, "manifest.json")):
         missing.append(f"{PHONE_DIR} (.venv/bin/python bench/phone_photos.py)")
     if not (shutil.which("k6", path=VENV_BIN) or shutil.which("k6")):
@@ -1113,6 +1198,7 @@ def write_report(r: dict) -> None:
         ]
     md += phone_section(r)
     md += int8_section(r)
+    md += perf_section(r)
     v2 = r.get("v2") or []
     if v2:
         base = v2[0]["sat"]["ok_per_s"]
