@@ -686,18 +686,7 @@ async fn a_call_past_its_deadline_leaves_the_queue() {
 /// request's time is up, not after the (much longer) upload timeout.
 #[tokio::test]
 async fn the_request_timeout_covers_the_message_upload() {
-    let s = start(
-        &[
-            "--request-timeout-ms",
-            "800",
-            "--upload-timeout-secs",
-            "28",
-            "--upload-rate-grace-secs",
-            "25",
-        ],
-        FakeBackend::default(),
-    )
-    .await;
+    let s = start(SHORT_REQUEST_LONG_UPLOAD, FakeBackend::default()).await;
     let tcp = tokio::net::TcpStream::connect(s.grpc).await.unwrap();
     let (mut client, connection) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(connection);

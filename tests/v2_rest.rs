@@ -855,18 +855,7 @@ async fn openapi_describes_the_v2_routes() {
 /// answered when the request's time is up, not when the (much longer) upload timeout is.
 #[tokio::test]
 async fn the_request_timeout_covers_the_upload_as_on_predict() {
-    let server = fake_server(
-        &[
-            "--request-timeout-ms",
-            "800",
-            "--upload-timeout-secs",
-            "28",
-            "--upload-rate-grace-secs",
-            "25",
-        ],
-        Duration::ZERO,
-    )
-    .await;
+    let server = fake_server(SHORT_REQUEST_LONG_UPLOAD, Duration::ZERO).await;
     for (uri, content_type) in [
         ("/predict", "image/png"),
         ("/v2/models/fake/infer", "application/json"),

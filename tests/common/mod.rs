@@ -86,6 +86,17 @@ impl Gate {
     }
 }
 
+/// A short request timeout (800 ms) and upload deadlines far beyond it: what decides when a
+/// body that stops coming is answered is then the request's own time limit.
+pub const SHORT_REQUEST_LONG_UPLOAD: &[&str] = &[
+    "--request-timeout-ms",
+    "800",
+    "--upload-timeout-secs",
+    "28",
+    "--upload-rate-grace-secs",
+    "25",
+];
+
 /// How a fake model behaves.
 #[derive(Clone, Default)]
 pub struct Behaviour {
