@@ -486,6 +486,40 @@ pub struct ModelOverrides {
     pub intra_op_threads: Option<usize>,
     pub warmup_iterations: Option<usize>,
     pub version: Option<u64>,
+    /// Which versions are served at once (in the model's folder's `config.json`).
+    pub version_policy: Option<VersionPolicy>,
+}
+
+/// Which versions of a model are served at once, in Triton's terms (a model's `config.json`):
+/// `{"latest": {"num_versions": N}}` (the default, with N = 1), `{"all": {}}`, or
+/// `{"specific": {"versions": [1, 3]}}`. Requests without a version go to the pinned version
+/// (`version`, `--model-version`) or else the highest one served; the others answer at
+/// `/v2/models/{name}/versions/{v}/...`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase", deny_unknown_fields)]
+pub enum VersionPolicy {
+    Latest { num_versions: u32 },
+    All {},
+    Specific { versions: Vec<u64> },
+}
+
+impl VersionPolicy {
+    /// The versions served, of those the repository holds (ascending).
+    pub fn select(policy: Option<&Self>, held: &[u64]) -> Vec<u64> {
+        match policy {
+            None => held.last().copied().into_iter().collect(),
+            Some(Self::Latest { num_versions }) => {
+                let n = (*num_versions).max(1) as usize;
+                held[held.len().saturating_sub(n)..].to_vec()
+            }
+            Some(Self::All {}) => held.to_vec(),
+            Some(Self::Specific { versions }) => held
+                .iter()
+                .copied()
+                .filter(|v| versions.contains(v))
+                .collect(),
+        }
+    }
 }
 
 impl ModelSettings {

@@ -171,7 +171,9 @@ impl From<RepoError> for ApiError {
     fn from(e: RepoError) -> Self {
         let message = e.to_string();
         match e {
-            RepoError::NotFound { .. } => Self::ModelNotFound(message),
+            RepoError::NotFound { .. } | RepoError::VersionNotServed { .. } => {
+                Self::ModelNotFound(message)
+            }
             RepoError::NoDefault { .. } => Self::ModelRequired(message),
             RepoError::Unavailable { .. } => Self::Unavailable(message),
             RepoError::LoadFailed { .. } => Self::ModelLoadFailed(message),

@@ -4,7 +4,10 @@
 //! A repository is a folder; each subfolder is a model named after it, holding `model.pt` and
 //! `metadata.json` directly (version 1) or in numbered version folders (`resnet18/1/`,
 //! `resnet18/2/`); the highest version is served unless `--model-version NAME=V` or the model's
-//! `config.json` (`"version"`) pins one. `--model-dir` serves one model folder instead.
+//! `config.json` (`"version"`) pins one. A `"version_policy"` in that `config.json` (Triton's:
+//! `latest`, `all`, `specific`) serves several versions at once: the pinned or highest one
+//! answers requests that name no version, each of the others its own `/versions/{v}`.
+//! `--model-dir` serves one model folder instead.
 //!
 //! A (re)load builds a new [`Pipeline`] beside the one being served, which goes on serving
 //! until the new one is loaded and warm; then the new one is swapped in. Requests in flight hold
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 
-use crate::config::{ModelOverrides, ModelSettings, ModelSource, ServeConfig};
+use crate::config::{ModelOverrides, ModelSettings, ModelSource, ServeConfig, VersionPolicy};
 use crate::metadata::ModelMetadata;
 use crate::model::ModelSpec;
 use crate::pipeline::{Pipeline, Shared, WorkerState};
@@ -47,6 +50,15 @@ pub enum RepoError {
     Unavailable { model: String, reason: String },
     #[error("model {model} could not be loaded: {reason}")]
     LoadFailed { model: String, reason: String },
+    #[error(
+        "model {model} has no version {version} being served (served: {}; a version_policy in the model's config.json serves several)",
+        list(&served.iter().map(u64::to_string).collect::<Vec<_>>())
+    )]
+    VersionNotServed {
+        model: String,
+        version: u64,
+        served: Vec<u64>,
+    },
 }
 
 fn list(names: &[String]) -> String {
@@ -117,9 +129,11 @@ pub struct ModelView {
     pub state: ModelState,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
-    /// The version being served.
+    /// The version being served (to requests that name none).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub version: Option<u64>,
+    /// Every version served and ready (more than one under a `version_policy`).
+    pub served_versions: Vec<u64>,
     pub versions: Vec<VersionStatus>,
     pub default: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -150,14 +164,18 @@ pub struct ModelView {
 struct Found {
     folder: PathBuf,
     versions: BTreeMap<u64, PathBuf>,
-    /// Pinned (`--model-version`, the model's `config.json`) or the highest.
+    /// Pinned (`--model-version`, the model's `config.json`) or the highest served.
     chosen: u64,
     files: Fingerprint,
+    /// The other versions its `version_policy` serves, with their files.
+    others: BTreeMap<u64, Fingerprint>,
 }
 
 /// One model's slot: the pipeline being served and what is known of its versions.
 struct Slot {
     serving: RwLock<Option<Arc<Pipeline>>>,
+    /// The other versions served under a `version_policy`.
+    others: RwLock<BTreeMap<u64, Arc<Pipeline>>>,
     status: Mutex<SlotStatus>,
     /// One load or unload of this model at a time.
     op: tokio::sync::Mutex<()>,
@@ -176,6 +194,9 @@ struct SlotStatus {
     fingerprint: Option<Fingerprint>,
     /// The last failed load, until a load succeeds: when and on what to try again.
     retry: Option<Retry>,
+    /// The files of each other version as its last load (done or failed) found them: one
+    /// that failed is tried again when they change.
+    others_files: BTreeMap<u64, Fingerprint>,
 }
 
 /// A version that failed to load: the poller tries it again once its files differ from these,
@@ -305,6 +326,7 @@ impl Repository {
             .or_insert_with(|| {
                 Arc::new(Slot {
                     serving: RwLock::new(None),
+                    others: RwLock::new(BTreeMap::new()),
                     status: Mutex::new(SlotStatus::default()),
                     op: tokio::sync::Mutex::new(()),
                 })
@@ -409,8 +431,14 @@ impl Repository {
                     if let Some(old) = old
                         && old.version != version
                     {
-                        s.versions
-                            .insert(old.version, version_status(old.version, "unloaded", None));
+                        if let Some(files) = model.others.get(&old.version) {
+                            // Still served under the policy: it goes on answering its version.
+                            s.others_files.insert(old.version, files.clone());
+                            slot.others.write().unwrap().insert(old.version, old);
+                        } else {
+                            s.versions
+                                .insert(old.version, version_status(old.version, "unloaded", None));
+                        }
                     }
                     s.versions
                         .insert(version, version_status(version, "ready", None));
@@ -438,6 +466,7 @@ impl Repository {
             }
         }
         self.publish_state(name, &slot);
+        self.start_others(name, &slot, model).await;
         match result {
             Ok(pipeline) => {
                 let s = &pipeline.settings;
@@ -461,6 +490,85 @@ impl Repository {
                     reason,
                 })
             }
+        }
+    }
+
+    /// Brings the other versions served under the model's policy in line with the disk: those
+    /// no longer served are dropped (their requests in flight finish), those missing or changed
+    /// since their last load are (re)loaded; one that failed is tried again only once its files
+    /// change. The caller holds the slot's operation lock.
+    async fn start_others(&self, name: &str, slot: &Slot, model: &Found) {
+        let gone: Vec<Arc<Pipeline>> = {
+            let mut others = slot.others.write().unwrap();
+            let stale: Vec<u64> = others
+                .keys()
+                .copied()
+                .filter(|v| !model.others.contains_key(v))
+                .collect();
+            stale.iter().filter_map(|v| others.remove(v)).collect()
+        };
+        {
+            let mut s = slot.status.lock().unwrap();
+            s.others_files.retain(|v, _| model.others.contains_key(v));
+            for p in &gone {
+                if p.version != model.chosen {
+                    s.versions
+                        .insert(p.version, version_status(p.version, "unloaded", None));
+                }
+            }
+        }
+        drop(gone);
+        for (&v, files) in &model.others {
+            let current = {
+                let s = slot.status.lock().unwrap();
+                s.others_files.get(&v) == Some(files)
+                    && (slot.others.read().unwrap().contains_key(&v)
+                        || s.versions.get(&v).is_some_and(|st| st.state == "failed"))
+            };
+            if current {
+                continue;
+            }
+            slot.status
+                .lock()
+                .unwrap()
+                .versions
+                .insert(v, version_status(v, "loading", None));
+            let result = self.start_version(name, model, v).await;
+            let mut s = slot.status.lock().unwrap();
+            s.others_files.insert(v, files.clone());
+            match result {
+                Ok(pipeline) => {
+                    slot.others.write().unwrap().insert(v, pipeline);
+                    s.versions.insert(v, version_status(v, "ready", None));
+                    tracing::info!(model = name, version = v, "version ready");
+                }
+                Err(reason) => {
+                    tracing::error!(model = name, version = v, error = %reason, "version failed to load");
+                    s.versions
+                        .insert(v, version_status(v, "failed", Some(reason)));
+                }
+            }
+        }
+    }
+
+    /// The pipeline serving version `version` of `name`.
+    pub fn resolve_version(&self, name: &str, version: u64) -> Result<Arc<Pipeline>, RepoError> {
+        if let Some(slot) = self.slot(name)
+            && let Some(p) = slot.others.read().unwrap().get(&version)
+        {
+            return Ok(p.clone());
+        }
+        match self.resolve(Some(name)) {
+            Ok(p) if p.version == version => Ok(p),
+            Ok(_) => Err(RepoError::VersionNotServed {
+                model: name.to_owned(),
+                version,
+                served: self
+                    .view(name)
+                    .map(|v| v.served_versions)
+                    .unwrap_or_default(),
+            }),
+            Err(e) => Err(e),
         }
     }
 
@@ -533,12 +641,17 @@ impl Repository {
         })?;
         let _op = slot.op.lock().await;
         let old = slot.serving.write().unwrap().take();
+        let others = std::mem::take(&mut *slot.others.write().unwrap());
         {
             let mut s = slot.status.lock().unwrap();
             s.wanted = false;
             s.failure = None;
             s.fingerprint = None;
             s.retry = None;
+            s.others_files.clear();
+            for &v in others.keys() {
+                s.versions.insert(v, version_status(v, "unloaded", None));
+            }
             if let Some(p) = &old {
                 s.unloading = true;
                 s.versions
@@ -574,7 +687,15 @@ impl Repository {
         let slots: Vec<Arc<Slot>> = self.slots.read().unwrap().values().cloned().collect();
         slots
             .iter()
-            .filter_map(|s| s.serving.write().unwrap().take())
+            .flat_map(|s| {
+                let others = std::mem::take(&mut *s.others.write().unwrap());
+                s.serving
+                    .write()
+                    .unwrap()
+                    .take()
+                    .into_iter()
+                    .chain(others.into_values())
+            })
             .inspect(|p| p.close())
             .collect()
     }
@@ -602,6 +723,12 @@ impl Repository {
             if want {
                 tracing::info!(model = %name, "repository change: loading");
                 let _ = self.load_in_place(name).await;
+            } else if let Some(slot) = self.slot(name)
+                && others_changed(&slot, model)
+            {
+                tracing::info!(model = %name, "repository change: the other versions served");
+                let _op = slot.op.lock().await;
+                self.start_others(name, &slot, model).await;
             }
         }
         for name in self.names() {
@@ -718,11 +845,26 @@ impl Repository {
             WorkerState::Ready(r) => Some(r),
             _ => None,
         });
+        let mut served_versions: Vec<u64> = serving
+            .iter()
+            .filter(|p| p.readiness().is_ok())
+            .map(|p| p.version)
+            .chain(
+                slot.others
+                    .read()
+                    .unwrap()
+                    .values()
+                    .filter(|p| p.readiness().is_ok())
+                    .map(|p| p.version),
+            )
+            .collect();
+        served_versions.sort_unstable();
         ModelView {
             name: name.to_owned(),
             state,
             reason,
             version: serving.as_ref().map(|p| p.version),
+            served_versions,
             versions: s.versions.values().cloned().collect(),
             default: self.default_model().as_deref() == Some(name),
             device: report.as_ref().map(|r| r.device.clone()),
@@ -816,6 +958,7 @@ fn discover_repository(root: &Path) -> Result<BTreeMap<String, Found>, String> {
                 versions,
                 chosen: 0,
                 files: Vec::new(),
+                others: BTreeMap::new(),
             },
         );
     }
@@ -840,6 +983,13 @@ fn wants_load(s: &SlotStatus, serving: Option<&Pipeline>, model: &Found, now: In
     }
 }
 
+/// Whether the other versions a model's policy serves differ from those its slot has tried:
+/// one added, one dropped, or files changed since the last attempt.
+fn others_changed(slot: &Slot, model: &Found) -> bool {
+    let s = slot.status.lock().unwrap();
+    s.wanted && s.loading.is_none() && s.others_files != model.others
+}
+
 /// The models of the source, each with its chosen version and that version's files.
 fn scan(
     source: &ModelSource,
@@ -855,28 +1005,33 @@ fn scan(
                     versions: BTreeMap::from([(1, dir.clone())]),
                     chosen: 1,
                     files: Vec::new(),
+                    others: BTreeMap::new(),
                 },
             )])
         }
         ModelSource::Repository(root) => discover_repository(root)?,
     };
     for (name, model) in found.iter_mut() {
-        let highest = *model
-            .versions
-            .keys()
-            .next_back()
+        let held: Vec<u64> = model.versions.keys().copied().collect();
+        let overrides = read_overrides(&model.folder.join("config.json")).unwrap_or_default();
+        let served = VersionPolicy::select(overrides.version_policy.as_ref(), &held);
+        let highest = served
+            .last()
+            .or(held.last())
+            .copied()
             .expect("a model has a version");
-        let pinned = pins.get(name).copied().or_else(|| {
-            read_overrides(&model.folder.join("config.json"))
-                .ok()
-                .and_then(|o| o.version)
-        });
+        let pinned = pins.get(name).copied().or(overrides.version);
         model.chosen = pinned.unwrap_or(highest);
         model.files = model
             .versions
             .get(&model.chosen)
             .map(|dir| files_of(&model.folder, dir))
             .unwrap_or_default();
+        model.others = served
+            .iter()
+            .filter(|&&v| v != model.chosen)
+            .filter_map(|v| Some((*v, files_of(&model.folder, model.versions.get(v)?))))
+            .collect();
     }
     Ok(found)
 }

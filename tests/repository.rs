@@ -894,3 +894,125 @@ async fn a_poll_stuck_on_a_file_does_not_block_health() {
     serving.await.unwrap().unwrap();
     release.join().unwrap();
 }
+
+/// A `version_policy` serves several versions at once: each answers its own `/versions/{v}`,
+/// the highest one the requests that name none; metadata, `/models` and the repository index
+/// show them; a version the policy no longer names stops answering; unload stops them all.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_policy_serves_several_versions() {
+    use base64::Engine;
+    let root = tempfile::tempdir().unwrap();
+    for (v, classes) in [(1, 3), (2, 5), (3, 7)] {
+        write_fake_model(&root.path().join(format!("m/{v}")), "m", classes);
+    }
+    let policy = |json: &str| std::fs::write(root.path().join("m/config.json"), json).unwrap();
+    policy(r#"{"version_policy": {"latest": {"num_versions": 2}}}"#);
+    let server = repo_server(
+        root.path(),
+        &["--enable-model-control"],
+        FakeBackend::default(),
+    )
+    .await;
+    let infer = |uri: &str| {
+        let body = serde_json::json!({"inputs": [{"name": "image", "datatype": "BYTES", "shape": [1],
+            "data": [base64::engine::general_purpose::STANDARD.encode(png(1))]}]});
+        Request::post(uri)
+            .header("content-type", "application/json")
+            .body(Body::from(body.to_string()))
+            .unwrap()
+    };
+    let answers = |server: &Server, uri: &'static str| {
+        let router = server.router();
+        async move {
+            use tower::ServiceExt;
+            let resp = router.oneshot(infer(uri)).await.unwrap();
+            let status = resp.status().as_u16();
+            let bytes = http_body_util::BodyExt::collect(resp.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+            (
+                status,
+                body["model_version"].as_str().map(str::to_owned),
+                body["outputs"][0]["shape"][1].as_u64(),
+                body,
+            )
+        }
+    };
+    for (uri, version, classes) in [
+        ("/v2/models/m/infer", "3", 7),
+        ("/v2/models/m/versions/3/infer", "3", 7),
+        ("/v2/models/m/versions/2/infer", "2", 5),
+    ] {
+        let (status, v, c, body) = answers(&server, uri).await;
+        assert_eq!(
+            (status, v.as_deref(), c),
+            (200, Some(version), Some(classes)),
+            "{uri}: {body}"
+        );
+    }
+    let (status, _, _, body) = answers(&server, "/v2/models/m/versions/1/infer").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(
+        body["error"].as_str().unwrap().contains("served: 2, 3"),
+        "{body}"
+    );
+    let (_, meta) = send(&server, get("/v2/models/m")).await;
+    assert_eq!(meta["versions"], serde_json::json!(["2", "3"]));
+    let (_, view) = send(&server, get("/models/m")).await;
+    assert_eq!(view["version"], 3);
+    assert_eq!(view["served_versions"], serde_json::json!([2, 3]));
+    let (_, index) = send(&server, post("/v2/repository/index")).await;
+    let states: Vec<(String, String)> = index
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["version"].as_str().unwrap().to_owned(),
+                e["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        states,
+        [("1", "UNAVAILABLE"), ("2", "READY"), ("3", "READY")]
+            .map(|(v, s)| (v.to_owned(), s.to_owned()))
+    );
+
+    // Another policy, loaded: version 1 answers, version 2 no longer does.
+    policy(r#"{"version_policy": {"specific": {"versions": [1, 3]}}}"#);
+    let (resp, body) = send(&server, post("/models/m/load")).await;
+    assert_eq!(resp.status(), 200, "{body}");
+    let (status, v, c, body) = answers(&server, "/v2/models/m/versions/1/infer").await;
+    assert_eq!(
+        (status, v.as_deref(), c),
+        (200, Some("1"), Some(3)),
+        "{body}"
+    );
+    let (status, _, _, _) = answers(&server, "/v2/models/m/versions/2/infer").await;
+    assert_eq!(status, 404);
+    let (_, view) = send(&server, get("/models/m")).await;
+    assert_eq!(view["served_versions"], serde_json::json!([1, 3]));
+
+    // Unloaded: no version answers.
+    let (resp, _) = send(&server, post("/models/m/unload")).await;
+    assert_eq!(resp.status(), 200);
+    for uri in [
+        "/v2/models/m/infer",
+        "/v2/models/m/versions/1/infer",
+        "/v2/models/m/versions/3/infer",
+    ] {
+        let (status, _, _, body) = answers(&server, uri).await;
+        assert!(matches!(status, 404 | 503), "{uri}: {status} {body}");
+    }
+    // A policy with a misspelt key is refused, naming the file.
+    policy(r#"{"version_policy": {"newest": {"num_versions": 2}}}"#);
+    let (resp, body) = send(&server, post("/models/m/load")).await;
+    assert!(resp.status().is_client_error() || resp.status().is_server_error());
+    assert!(
+        body["error"].as_str().unwrap().contains("config.json"),
+        "{body}"
+    );
+}

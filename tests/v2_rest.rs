@@ -171,7 +171,7 @@ async fn server_and_model_metadata_health_and_readiness() {
     .await;
     assert_error(&r, &body, 404, "model_not_found");
     assert!(
-        body["error"].as_str().unwrap().contains("version 1"),
+        body["error"].as_str().unwrap().contains("served: 1"),
         "{body}"
     );
 }

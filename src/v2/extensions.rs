@@ -30,9 +30,8 @@ pub fn index(state: &AppState, ready_only: bool) -> Vec<IndexEntry> {
     let mut out = Vec::new();
     for model in state.repository.views() {
         for v in &model.versions {
-            let served = model.version == Some(v.version);
             let (triton, reason) = match v.state {
-                "ready" if served && model.state == ModelState::Ready => ("READY", String::new()),
+                "ready" if model.served_versions.contains(&v.version) => ("READY", String::new()),
                 "ready" => (
                     "UNAVAILABLE",
                     model.reason.clone().unwrap_or_else(|| "not ready".into()),
@@ -164,8 +163,9 @@ pub struct Parameter {
     pub string_value: String,
 }
 
-/// The configuration of the pipeline serving a model, on `device` (`cpu`, `cuda:N`).
-pub fn config(pipeline: &Pipeline, device: &str) -> ModelConfig {
+/// The configuration of the pipeline serving a model, on `device` (`cpu`, `cuda:N`), with the
+/// versions served.
+pub fn config(pipeline: &Pipeline, device: &str, served: &[u64]) -> ModelConfig {
     let s = &pipeline.settings;
     let size = i64::from(pipeline.meta.input_size);
     let tensor = |name: &str, data_type: &str, dims: Vec<i64>, format: Option<&str>| TensorConfig {
@@ -193,7 +193,7 @@ pub fn config(pipeline: &Pipeline, device: &str) -> ModelConfig {
         backend: "pytorch".into(),
         version_policy: VersionPolicy {
             specific: SpecificVersions {
-                versions: vec![pipeline.version],
+                versions: served.to_vec(),
             },
         },
         max_batch_size: s.max_batch_size,
@@ -245,7 +245,13 @@ pub fn model_config(
         crate::pipeline::WorkerState::Ready(r) => r.device,
         _ => pipeline.settings.device.clone(),
     };
-    Ok(config(&pipeline, &device))
+    let served = state
+        .repository
+        .view(&pipeline.name)
+        .map(|v| v.served_versions)
+        .filter(|v| !v.is_empty())
+        .unwrap_or_else(|| vec![pipeline.version]);
+    Ok(config(&pipeline, &device, &served))
 }
 
 /// A count and a total time in nanoseconds.

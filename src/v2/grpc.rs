@@ -499,7 +499,7 @@ impl GrpcInferenceService for Service {
         }
         let r = request.into_inner();
         let result = super::resolve(&self.state, &r.name, Some(&r.version)).map(|p| {
-            let m = super::ModelMeta::of(&p);
+            let m = super::metadata(&self.state, &p);
             let tensors = |v: Vec<super::TensorMeta>| {
                 v.into_iter()
                     .map(|t| model_metadata_response::TensorMetadata {

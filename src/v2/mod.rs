@@ -210,23 +210,36 @@ impl Batch {
     }
 }
 
-/// The pipeline serving `name`, and only if it is the version asked for (the repository serves
-/// one version per model; an empty version means that one).
+/// The pipeline serving version `version` of `name` (an empty or absent version: the one that
+/// answers requests naming none).
 pub fn resolve(
     state: &AppState,
     name: &str,
     version: Option<&str>,
 ) -> Result<Arc<Pipeline>, ApiError> {
-    let pipeline = state.repository.resolve(Some(name))?;
     match version.map(str::trim).filter(|v| !v.is_empty()) {
-        Some(v) if v != pipeline.version.to_string() => Err(ApiError::ModelNotFound(format!(
-            "model {name} has no version {:?} being served: it serves version {} (one version per model; omit the version or ask for {})",
-            v.chars().take(40).collect::<String>(),
-            pipeline.version,
-            pipeline.version
-        ))),
-        _ => Ok(pipeline),
+        None => Ok(state.repository.resolve(Some(name))?),
+        Some(v) => {
+            let number = v.parse::<u64>().map_err(|_| {
+                ApiError::ModelNotFound(format!(
+                    "model {name} has no version {:?}: versions are numbers",
+                    short(v)
+                ))
+            })?;
+            Ok(state.repository.resolve_version(name, number)?)
+        }
     }
+}
+
+/// The model's metadata, with every version served.
+pub fn metadata(state: &AppState, pipeline: &Pipeline) -> ModelMeta {
+    let mut m = ModelMeta::of(pipeline);
+    if let Some(view) = state.repository.view(&pipeline.name)
+        && !view.served_versions.is_empty()
+    {
+        m.versions = view.served_versions.iter().map(u64::to_string).collect();
+    }
+    m
 }
 
 /// Checks the request's input against the model and turns it into work for the pipeline.

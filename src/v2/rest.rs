@@ -233,7 +233,7 @@ pub async fn model_metadata(
         Err(e) => return e.into_response(),
     };
     match super::resolve(&state, &name, version.as_deref()) {
-        Ok(p) => labelled(Json(ModelMeta::of(&p)).into_response(), &p.name),
+        Ok(p) => labelled(Json(super::metadata(&state, &p)).into_response(), &p.name),
         Err(e) => e.into_response(),
     }
 }
