@@ -1016,3 +1016,44 @@ async fn a_version_policy_serves_several_versions() {
         "{body}"
     );
 }
+
+/// Under `{"latest": {"num_versions": 2}}`, the poller follows new versions: when version 3
+/// arrives, 3 answers requests that name none, 2 goes on answering its own, 1 stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn polling_follows_a_version_policy() {
+    let root = tempfile::tempdir().unwrap();
+    write_fake_model(&root.path().join("m/1"), "m", 3);
+    write_fake_model(&root.path().join("m/2"), "m", 5);
+    std::fs::write(
+        root.path().join("m/config.json"),
+        r#"{"version_policy": {"latest": {"num_versions": 2}}}"#,
+    )
+    .unwrap();
+    let server = repo_server(
+        root.path(),
+        &["--poll-repository-secs", "1"],
+        FakeBackend::default(),
+    )
+    .await;
+    let state = server.state.clone();
+    let served = |state: &tch_serve::server::AppState| {
+        state
+            .repository
+            .view("m")
+            .map(|v| (v.version, v.served_versions))
+    };
+    assert_eq!(served(&state), Some((Some(2), vec![1, 2])));
+    let (_addr, stop, serving) = serve_on_socket(server).await;
+    write_fake_model(&root.path().join("m/3"), "m", 7);
+    assert!(
+        eventually(Duration::from_secs(20), || served(&state)
+            == Some((Some(3), vec![2, 3])))
+        .await,
+        "{:?}",
+        served(&state)
+    );
+    assert_eq!(state.repository.resolve_version("m", 2).unwrap().version, 2);
+    assert!(state.repository.resolve_version("m", 1).is_err());
+    stop.cancel();
+    serving.await.unwrap().unwrap();
+}
