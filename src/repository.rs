@@ -712,18 +712,16 @@ impl Repository {
         };
         let now = Instant::now();
         for (name, model) in &found {
-            let want = match self.slot(name) {
-                None => true,
-                Some(slot) => {
-                    let s = slot.status.lock().unwrap();
-                    let serving = slot.serving.read().unwrap().clone();
-                    wants_load(&s, serving.as_deref(), model, now)
-                }
-            };
+            let slot = self.slot(name);
+            let want = slot.as_ref().is_none_or(|slot| {
+                let s = slot.status.lock().unwrap();
+                let serving = slot.serving.read().unwrap().clone();
+                wants_load(&s, serving.as_deref(), model, now)
+            });
             if want {
                 tracing::info!(model = %name, "repository change: loading");
                 let _ = self.load_in_place(name).await;
-            } else if let Some(slot) = self.slot(name)
+            } else if let Some(slot) = slot
                 && others_changed(&slot, model)
             {
                 tracing::info!(model = %name, "repository change: the other versions served");

@@ -251,12 +251,10 @@ pub struct RequestTimes {
     pub compute_infer: Duration,
 }
 
-/// A model's inference requests as Triton counts them: each answered request once in
-/// `success` and once in each of the times; each refused or failed one in `fail`.
+/// Where a model's answered requests spent their time, summed: each answered request once in
+/// each (their count and total duration are `tch_serve_inference_request_duration_seconds`).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RequestStats {
-    pub success: (u64, Duration),
-    pub fail: (u64, Duration),
     pub queue: Duration,
     pub compute_input: Duration,
     pub compute_infer: Duration,
@@ -596,20 +594,30 @@ impl Metrics {
         self.inference_requests
             .with_label_values(&[model, outcome])
             .observe(took.as_secs_f64());
+        let Some(t) = answered else {
+            return;
+        };
         let mut all = self.requests_by_model.lock().unwrap();
-        let s = all.entry(model.to_owned()).or_default();
-        match answered {
-            Some(t) => {
-                s.success = (s.success.0 + 1, s.success.1 + took);
-                s.queue += t.queue;
-                s.compute_input += t.compute_input;
-                s.compute_infer += t.compute_infer;
-            }
-            None => s.fail = (s.fail.0 + 1, s.fail.1 + took),
-        }
+        let s = match all.get_mut(model) {
+            Some(s) => s,
+            None => all.entry(model.to_owned()).or_default(),
+        };
+        s.queue += t.queue;
+        s.compute_input += t.compute_input;
+        s.compute_infer += t.compute_infer;
     }
 
-    /// The model's inference requests so far.
+    /// The model's inference request series: (answered, refused or failed).
+    pub fn inference_requests(&self, model: &str) -> (Histogram, Histogram) {
+        (
+            self.inference_requests
+                .with_label_values(&[model, "success"]),
+            self.inference_requests
+                .with_label_values(&[model, "failure"]),
+        )
+    }
+
+    /// Where the model's answered requests spent their time so far.
     pub fn request_stats(&self, model: &str) -> RequestStats {
         self.requests_by_model
             .lock()

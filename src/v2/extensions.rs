@@ -354,7 +354,8 @@ fn model_stats(state: &AppState, name: &str, version: u64) -> ModelStats {
             compute_output: Duration::of(count, 0.0),
         })
         .collect();
-    let answered = r.success.0;
+    let (success, fail) = state.metrics.inference_requests(name);
+    let answered = success.get_sample_count();
     let of = |count: u64, d: std::time::Duration| Duration::of(count, d.as_secs_f64());
     ModelStats {
         name: name.to_owned(),
@@ -363,8 +364,8 @@ fn model_stats(state: &AppState, name: &str, version: u64) -> ModelStats {
         inference_count: m.images.get(),
         execution_count: m.inference_duration.get_sample_count(),
         inference_stats: InferStats {
-            success: of(answered, r.success.1),
-            fail: of(r.fail.0, r.fail.1),
+            success: Duration::of(answered, success.get_sample_sum()),
+            fail: Duration::of(fail.get_sample_count(), fail.get_sample_sum()),
             queue: of(answered, r.queue),
             compute_input: of(answered, r.compute_input),
             compute_infer: of(answered, r.compute_infer),
