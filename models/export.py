@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
-"""Export an image classifier to TorchScript for tch-serve.
+"""Export an image classifier for tch-serve: TorchScript, or an AOTInductor package.
 
 Writes DIR/model.pt (TorchScript: eval mode, batch-norm folded into the
-convolutions, traced) and DIR/metadata.json (name, input geometry,
-normalisation, class labels, whether the weights are trained, whether the
-model is quantized).
+convolutions, traced), or with --format aoti DIR/model.pt2 (torch.export with a
+dynamic batch dimension of 1 to --max-batch, compiled ahead of time by
+AOTInductor for --device, frozen weights, in --precision), and DIR/metadata.json
+(name, format, input geometry, normalisation, class labels, whether the weights
+are trained, whether the model is quantized, and for a package the device,
+precision, largest batch and torch version it was compiled for).
 
     python models/export.py --arch resnet18 --out models/resnet18
     python models/export.py --arch resnet50 --weights auto --out models/resnet50
     python models/export.py --arch efficientnet_lite0 --out models/efficientnet_lite0
     python models/export.py --arch efficientnet_lite0 --quantize int8 --out models/efficientnet_lite0_int8
+    python models/export.py --arch efficientnet_lite0 --format aoti --out models/efficientnet_lite0_aoti
+    python models/export.py --arch resnet50 --format aoti --device cuda --precision fp16 --out models/resnet50_cuda
+
+An AOTInductor package is machine code for one device kind and one torch
+version: compiling takes a C++ compiler (g++) and, on CPU, 20 s to a few
+minutes; loading it at start-up takes under a second. A CUDA package needs a
+machine with a GPU to compile on.
 
 --arch is a torchvision classifier name, or efficientnet_lite0: EfficientNet-Lite0
 pretrained on ImageNet, whose network and weights come from the Python package
@@ -409,6 +419,94 @@ def check_in_fresh_process(model_path: str, traced, crop: int) -> None:
         raise SystemExit(f"{model_path} does not load or answer the same in a fresh process")
 
 
+# ----------------------------------------------------------------------------- AOTInductor
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class _InPrecision(nn.Module):
+    """Runs the network in another dtype behind an fp32 input and output, so a package's
+    interface is the same whatever it computes in."""
+
+    def __init__(self, model: nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.model = model.to(dtype)
+        self.dtype = dtype
+
+    def forward(self, x):
+        return self.model(x.to(self.dtype)).float()
+
+
+_FRESH_PROCESS_AOTI_CHECK = r"""
+import sys, torch
+model = torch._inductor.aoti_load_package(sys.argv[1])
+expected = torch.load(sys.argv[2])
+tolerance = float(sys.argv[3])
+with torch.no_grad():
+    for x, y in zip(expected["inputs"], expected["outputs"]):
+        out = model(x.to(y.device)).to("cpu")
+        y = y.to("cpu")
+        assert out.shape == y.shape, (out.shape, y.shape)
+        diff = (out.softmax(-1) - y.softmax(-1)).abs().max().item()
+        assert diff <= tolerance, f"batch {x.shape[0]}: probabilities differ by {diff}"
+        print(f"batch {x.shape[0]}: ok (largest probability difference {diff:.1e})")
+"""
+
+
+def export_aoti(model: nn.Module, crop: int, device: str, precision: str, max_batch: int,
+                out_path: str) -> dict:
+    """torch.export with a dynamic batch dimension, compiled and packaged by AOTInductor, then
+    loaded in a fresh interpreter and checked against the eager model at batch 1, 3 and the
+    largest batch."""
+    import torch._inductor.config as inductor_config
+
+    # Constant weights folded into the graph, and on CPU prepacked for oneDNN.
+    inductor_config.freezing = True
+    model = model.to(device).eval()
+    if precision != "fp32":
+        model = _InPrecision(model, _DTYPES[precision])
+    example = torch.randn(2, 3, crop, crop, device=device)
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    with torch.no_grad():
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            torch._inductor.aoti_compile_and_package(program, package_path=out_path)
+    torch.manual_seed(1)
+    inputs = [torch.randn(b, 3, crop, crop) for b in sorted({1, min(3, max_batch), max_batch})]
+    with torch.no_grad():
+        outputs = [model(x.to(device)) for x in inputs]
+    tolerance = 1e-4 if precision == "fp32" else 5e-2
+    with tempfile.TemporaryDirectory() as tmp:
+        ref = os.path.join(tmp, "expected.pt")
+        torch.save({"inputs": inputs, "outputs": outputs}, ref)
+        run = subprocess.run([sys.executable, "-c", _FRESH_PROCESS_AOTI_CHECK, out_path, ref, str(tolerance)],
+                             capture_output=True, text=True)
+    sys.stdout.write(run.stdout)
+    if run.returncode != 0:
+        sys.stderr.write(run.stderr)
+        raise SystemExit(f"{out_path} does not load or answer as the eager model does in a fresh process")
+    isa = {}
+    if device == "cpu":
+        # Inductor compiles its own kernels for the exporting machine's vector instructions
+        # (cpu_vec_isa.pick_vec_isa): the package needs a CPU with the same flags, which the
+        # server checks at load time rather than dying of an illegal instruction.
+        from torch._inductor import cpu_vec_isa
+        picked = str(cpu_vec_isa.pick_vec_isa() or "")
+        flags = []
+        for token in picked.split():
+            flags += {"avx2": ["avx2", "fma"], "avx512": ["avx512f", "avx512bw", "avx512vl", "avx512dq"]}.get(token, [token])
+        isa = {"cpu_isa": picked or "none", "cpu_flags": flags}
+    return {
+        "device": device,
+        "precision": precision,
+        "max_batch": max_batch,
+        **isa,
+        "supported_precisions": [precision],
+        "supported_devices": [device],
+    }
+
+
 # ----------------------------------------------------------------------------- main
 
 
@@ -426,12 +524,33 @@ def main(argv: list[str] | None = None) -> int:
                    help="seconds --weights auto waits for the weights' server before giving up")
     p.add_argument("--quantize", choices=["none", "int8"], default="none",
                    help="int8: post-training static quantization for CPU (x86), calibrated on real photos")
+    p.add_argument("--format", choices=["torchscript", "aoti"], default="torchscript",
+                   help="torchscript: model.pt; aoti: an AOTInductor package model.pt2 (needs g++)")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="aoti: the device the package is compiled for")
+    p.add_argument("--precision", choices=sorted(_DTYPES), default="fp32",
+                   help="aoti: the precision the package computes in (input and output stay fp32)")
+    p.add_argument("--max-batch", type=int, default=64,
+                   help="aoti: the largest batch the package's dynamic batch dimension takes")
     p.add_argument("--seed", type=int, default=0,
                    help="seed for the untrained model's initialisation and for the calibration views")
     p.add_argument("--force", action="store_true", help="overwrite an existing export")
     args = p.parse_args(argv)
+    aoti = args.format == "aoti"
+    if not aoti and (args.device != "cpu" or args.precision != "fp32" or args.max_batch != 64):
+        p.error("--device, --precision and --max-batch are for --format aoti (a TorchScript model "
+                "is moved and cast by the server at load time)")
+    if aoti and args.quantize != "none":
+        p.error("--quantize int8 makes a TorchScript model (fbgemm/oneDNN quantized kernels); "
+                "it cannot be combined with --format aoti")
+    if aoti and args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: no CUDA device is visible; a CUDA package is compiled on a machine with a GPU")
+    if aoti and args.precision == "fp16" and args.device == "cpu":
+        p.error("--precision fp16 is for --device cuda (CPUs compute fp16 slowly); use bf16 or fp32")
+    if not 1 <= args.max_batch <= 1024:
+        p.error("--max-batch must be between 1 and 1024")
 
-    model_path = os.path.join(args.out, "model.pt")
+    model_path = os.path.join(args.out, "model.pt2" if aoti else "model.pt")
     meta_path = os.path.join(args.out, "metadata.json")
     if not args.force and os.path.exists(model_path) and os.path.exists(meta_path):
         print(f"{model_path} exists; use --force to re-export")
@@ -473,6 +592,19 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     crop = built.crop
+    if aoti:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=args.out, delete=False, suffix=".pt2") as tmp:
+            tmp_path = tmp.name
+        try:
+            package = export_aoti(model, crop, args.device, args.precision, args.max_batch, tmp_path)
+            os.chmod(tmp_path, 0o644)
+            os.replace(tmp_path, model_path)
+        finally:
+            if os.path.exists(tmp_path):
+                os.unlink(tmp_path)
+        return write_metadata(args, built, model_path, "aoti", None, package)
+
     example = torch.randn(1, 3, crop, crop)
     with torch.inference_mode(False), torch.no_grad():
         traced = torch.jit.trace(model, example, check_trace=not int8)
@@ -491,18 +623,23 @@ def main(argv: list[str] | None = None) -> int:
     if int8:
         check_in_fresh_process(tmp_path, traced, crop)
     os.replace(tmp_path, model_path)
-    sha256 = _file_sha256(model_path)
+    return write_metadata(args, built, model_path, "torchscript", quantization, {})
 
+
+def write_metadata(args, built: Built, model_path: str, fmt: str, quantization: dict | None,
+                   package: dict) -> int:
+    int8 = quantization is not None
     name = args.arch + ("_int8" if int8 else "")
+    meta_path = os.path.join(args.out, "metadata.json")
     metadata = {
         "name": name,
         "arch": args.arch,
-        "format": "torchscript",
-        "file": "model.pt",
-        "sha256": sha256,
+        "format": fmt,
+        "file": os.path.basename(model_path),
+        "sha256": _file_sha256(model_path),
         "trained": built.trained,
         "weights": built.weights,
-        "input_size": crop,
+        "input_size": built.crop,
         "resize_size": built.resize,
         "interpolation": built.interpolation,
         "mean": built.mean,
@@ -513,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         "supported_precisions": ["fp32"] if int8 else ["fp32", "bf16", "fp16"],
         "supported_devices": ["cpu"] if int8 else ["cpu", "cuda"],
         **({"quantization": quantization} if quantization else {}),
+        **package,
         **built.extra,
         "labels": built.categories,
         "torch_version": torch.__version__.split("+")[0],
@@ -522,7 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         json.dump(metadata, f, indent=1)
         f.write("\n")
     state = ("pretrained " + built.weights) if built.trained else f"UNTRAINED (seed {args.seed})"
-    kind = " int8" if int8 else ""
+    kind = (" int8" if int8 else "") + (f" AOTInductor package ({args.device}, {args.precision})" if package else "")
     print(f"exported {args.arch}{kind} ({state}) to {model_path} [{os.path.getsize(model_path) / 1e6:.1f} MB]")
     return 0
 

@@ -378,6 +378,25 @@ fi
 compose down -v --remove-orphans >/dev/null 2>&1 && compose_up=0
 check "docker-compose down" [ "$compose_up" = 0 ]
 
+# The host's model repository through the read-only mount, as the compose file's header says:
+# it holds the AOTInductor package that `make model` compiled on this machine, which the image
+# must load (unpacked into the /tmp tmpfs) and answer with as the TorchScript model does.
+if [ -f "$root/models/efficientnet_lite0_aoti/model.pt2" ] && [ -f "$cat_photo" ]; then
+  step "7b. docker-compose: the host's repository, with an AOTInductor package"
+  if TCH_SERVE_MODEL_REPOSITORY=/host-models compose up -d --wait --wait-timeout 240 api >"$work/compose-host.log" 2>&1; then
+    ok "docker-compose up with TCH_SERVE_MODEL_REPOSITORY=/host-models"
+    check "compose api: the host's .pt2 package is served (format aoti) and names the cat as TorchScript does" bash -c \
+      "curl -fsS 'http://127.0.0.1:$COMPOSE_API_PORT/models/efficientnet_lite0_aoti' | python3 -c 'import json,sys; m=json.load(sys.stdin); print(\"      \", m[\"name\"], m[\"state\"], m.get(\"format\"), m.get(\"load_ms\"), \"ms to load\"); sys.exit(0 if m[\"state\"] == \"ready\" and m.get(\"format\") == \"aoti\" else 1)' &&
+       a=\$(curl -fsS -F 'file=@$cat_photo' 'http://127.0.0.1:$COMPOSE_API_PORT/predict?model=efficientnet_lite0_aoti') &&
+       b=\$(curl -fsS -F 'file=@$cat_photo' 'http://127.0.0.1:$COMPOSE_API_PORT/predict?model=efficientnet_lite0') &&
+       python3 -c 'import json,sys; a,b=(json.loads(x)[\"predictions\"][0] for x in sys.argv[1:]); print(\"      .pt2\", a, \"TorchScript\", b); sys.exit(0 if a[\"index\"] == b[\"index\"] and abs(a[\"probability\"] - b[\"probability\"]) < 1e-3 else 1)' \"\$a\" \"\$b\""
+  else
+    bad "docker-compose up with TCH_SERVE_MODEL_REPOSITORY=/host-models (log: target/container-test/compose-host.log)"
+    tail -n 20 "$work/compose-host.log"
+  fi
+  compose down -v --remove-orphans >/dev/null 2>&1 || true
+fi
+
 # ------------------------------------------------ 8. decode memory budget ---
 step "8. A burst of the costliest images under --memory 2g"
 # 40-megapixel 16-bit RGBA PNGs (the largest --max-image-pixels allows, 320 KB each on the

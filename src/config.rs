@@ -642,6 +642,18 @@ pub fn cpu_features() -> &'static [&'static str] {
     FEATURES.get_or_init(read_cpu_features)
 }
 
+/// Every flag of /proc/cpuinfo's first `flags` line; `None` where the file is not there.
+pub fn cpu_flags() -> Option<&'static [String]> {
+    static FLAGS: std::sync::OnceLock<Option<Vec<String>>> = std::sync::OnceLock::new();
+    FLAGS
+        .get_or_init(|| {
+            let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
+            let line = text.lines().find(|l| l.starts_with("flags"))?;
+            Some(line.split_whitespace().skip(2).map(str::to_owned).collect())
+        })
+        .as_deref()
+}
+
 fn read_cpu_features() -> Vec<&'static str> {
     const FEATURES: [&str; 7] = [
         "avx2",
@@ -652,14 +664,7 @@ fn read_cpu_features() -> Vec<&'static str> {
         "amx_bf16",
         "amx_int8",
     ];
-    let flags = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("flags"))
-                .map(|l| l.split_whitespace().map(str::to_owned).collect::<Vec<_>>())
-        })
-        .unwrap_or_default();
+    let flags = cpu_flags().unwrap_or_default();
     FEATURES
         .into_iter()
         .filter(|f| flags.iter().any(|g| g == f))

@@ -17,9 +17,6 @@ fn default_mean() -> [f32; 3] {
 fn default_std() -> [f32; 3] {
     [0.229, 0.224, 0.225]
 }
-fn default_file() -> String {
-    "model.pt".into()
-}
 fn default_trained() -> bool {
     true
 }
@@ -28,9 +25,30 @@ fn default_trained() -> bool {
 pub struct ModelMetadata {
     /// Name reported by /predict, /health and the build-info metric.
     pub name: String,
-    /// TorchScript file, relative to the model directory.
-    #[serde(default = "default_file")]
-    pub file: String,
+    /// How the network is stored: a TorchScript file or an AOTInductor package.
+    #[serde(default)]
+    pub format: ModelFormat,
+    /// The model file, relative to the model directory (`model.pt`, or `model.pt2` for an
+    /// AOTInductor package, when absent).
+    #[serde(default)]
+    pub file: Option<String>,
+    /// An AOTInductor package's compiled-in properties: the device kind (`cpu`, `cuda`) and
+    /// precision (`fp32`, `bf16`, `fp16`) it was compiled for, and the largest batch its dynamic
+    /// batch dimension takes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub precision: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_batch: Option<u32>,
+    /// A CPU package's kernels use the vector instructions of the CPU that compiled it: the
+    /// /proc/cpuinfo flags they need (`avx512f`, `amx_tile`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_flags: Vec<String>,
+    /// The torch version that exported the model (an AOTInductor package runs only on the
+    /// libtorch version that compiled it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_version: Option<String>,
     /// Side of the square input the network takes (CenterCrop size).
     #[serde(default = "default_input")]
     pub input_size: u32,
@@ -61,6 +79,35 @@ pub struct ModelMetadata {
         skip_serializing_if = "Option::is_none"
     )]
     pub quantized: Option<String>,
+}
+
+/// The stored form of a model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelFormat {
+    /// `torch.jit` TorchScript (`model.pt`), run by libtorch's interpreter.
+    #[default]
+    Torchscript,
+    /// A `torch.export` program compiled ahead of time by AOTInductor (`model.pt2`).
+    Aoti,
+}
+
+impl ModelFormat {
+    /// The Open Inference Protocol platform name (Triton's for TorchScript; AOTInductor
+    /// packages have none in Triton, so ours follows its pattern).
+    pub fn platform(self) -> &'static str {
+        match self {
+            Self::Torchscript => "pytorch_libtorch",
+            Self::Aoti => "pytorch_aoti",
+        }
+    }
+
+    fn default_file(self) -> &'static str {
+        match self {
+            Self::Torchscript => "model.pt",
+            Self::Aoti => "model.pt2",
+        }
+    }
 }
 
 /// `"quantized"`: `false`/`null` (a float model), `true` (int8) or the scheme's name.
@@ -116,11 +163,18 @@ impl ModelMetadata {
         if self.mean.iter().any(|m| !m.is_finite()) {
             bail!("`mean` must be finite");
         }
+        if self.max_batch == Some(0) {
+            bail!("`max_batch` must be at least 1");
+        }
         Ok(())
     }
 
     pub fn model_path(&self, dir: &Path) -> std::path::PathBuf {
-        dir.join(&self.file)
+        dir.join(
+            self.file
+                .as_deref()
+                .unwrap_or_else(|| self.format.default_file()),
+        )
     }
 }
 
@@ -131,13 +185,28 @@ mod tests {
     #[test]
     fn minimal_metadata_gets_imagenet_defaults() {
         let m: ModelMetadata = serde_json::from_str(r#"{"name":"x","labels":["a","b"]}"#).unwrap();
-        assert_eq!(
-            (m.resize_size, m.input_size, m.file.as_str()),
-            (256, 224, "model.pt")
-        );
+        assert_eq!((m.resize_size, m.input_size), (256, 224));
+        assert_eq!(m.model_path(Path::new("d")), Path::new("d/model.pt"));
+        assert_eq!(m.format, ModelFormat::Torchscript);
         assert!(m.trained);
         assert_eq!(m.quantized, None);
         m.validate().unwrap();
+    }
+
+    #[test]
+    fn an_aoti_package_defaults_to_model_pt2() {
+        let m: ModelMetadata =
+            serde_json::from_str(r#"{"name":"x","labels":["a"],"format":"aoti","max_batch":32}"#)
+                .unwrap();
+        assert_eq!(m.format, ModelFormat::Aoti);
+        assert_eq!(m.model_path(Path::new("d")), Path::new("d/model.pt2"));
+        assert_eq!(m.format.platform(), "pytorch_aoti");
+        m.validate().unwrap();
+        let err =
+            serde_json::from_str::<ModelMetadata>(r#"{"name":"x","labels":["a"],"format":"onnx"}"#)
+                .unwrap_err()
+                .to_string();
+        assert!(err.contains("torchscript") && err.contains("aoti"), "{err}");
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 
 use crate::config::{ModelOverrides, ModelSettings, ModelSource, ServeConfig, VersionPolicy};
-use crate::metadata::ModelMetadata;
+use crate::metadata::{ModelFormat, ModelMetadata};
 use crate::model::ModelSpec;
 use crate::pipeline::{Pipeline, Shared, WorkerState};
 
@@ -140,6 +140,9 @@ pub struct ModelView {
     pub device: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub precision: Option<String>,
+    /// How the served version is stored: `torchscript` or `aoti` (an AOTInductor package).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<ModelFormat>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub trained: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -624,6 +627,11 @@ impl Repository {
                 format!("`{k}`")
             })
             .map_err(|e| format!("config.json of {name}: {e}"))?;
+        if meta.format == ModelFormat::Aoti {
+            // A package computes in the precision it was compiled for.
+            settings.precision = crate::model::torch::package_precision(&meta, settings.precision)
+                .map_err(|e| format!("{e:#}"))?;
+        }
         Ok(ModelSpec {
             name: name.to_owned(),
             version,
@@ -869,6 +877,7 @@ impl Repository {
             precision: serving
                 .as_ref()
                 .map(|p| format!("{:?}", p.settings.precision).to_lowercase()),
+            format: serving.as_ref().map(|p| p.meta.format),
             trained: serving.as_ref().map(|p| p.meta.trained),
             quantized: serving.as_ref().and_then(|p| p.meta.quantized.clone()),
             weights: serving.as_ref().and_then(|p| p.meta.weights.clone()),

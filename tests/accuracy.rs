@@ -1,5 +1,5 @@
 //! End to end through HTTP on the ImageNet-pretrained model of the repository the Makefile
-//! serves (`models/`): real photos whose subject is an ImageNet class (tests/data/accuracy.json
+//! serves (`models/`), as TorchScript and as an AOTInductor package: real photos whose subject is an ImageNet class (tests/data/accuracy.json
 //! says which classes are right for each, and why) get a right class in their top 5, and most
 //! in their top 1; PNG, grayscale and JPEG files of them and a multi-image request agree.
 
@@ -53,6 +53,29 @@ async fn pretrained_model_names_what_is_in_real_photos() {
     )
     .unwrap();
     server.wait_ready().await.unwrap();
+    // The same network as TorchScript and as an AOTInductor package.
+    for model in ["efficientnet_lite0", "efficientnet_lite0_aoti"] {
+        names_what_is_in_real_photos(&server, model).await;
+    }
+    // The untrained default model answers /predict, and says it is untrained.
+    let (resp, body) = send(
+        &server,
+        predict_raw(
+            "/predict",
+            "application/octet-stream",
+            std::fs::read(test_data_dir().join("accuracy/coffee.jpg")).unwrap(),
+        ),
+    )
+    .await;
+    assert_eq!(resp.status(), 200);
+    assert_eq!(
+        (body["model"].as_str(), body["trained"].as_bool()),
+        (Some("resnet18"), Some(false))
+    );
+}
+
+/// One pretrained model of the server's repository on the accuracy set, through /predict.
+async fn names_what_is_in_real_photos(server: &Server, model: &str) {
     let photos = accuracy_set();
     assert!(
         photos.len() >= 5,
@@ -71,16 +94,16 @@ async fn pretrained_model_names_what_is_in_real_photos() {
         for p in &photos {
             let bytes = std::fs::read(dir.join(file.replace("{}", &p.name))).unwrap();
             let (resp, body) = send(
-                &server,
+                server,
                 predict_raw(
-                    "/predict?model=efficientnet_lite0",
+                    &format!("/predict?model={model}"),
                     "application/octet-stream",
                     bytes,
                 ),
             )
             .await;
             assert_eq!(resp.status(), 200, "{}: {body}", p.name);
-            assert_eq!(body["model"], "efficientnet_lite0");
+            assert_eq!(body["model"], model);
             assert_eq!(body["trained"], true);
             let ranked = ranking(&body["results"][0]);
             let classes: Vec<u64> = ranked.iter().map(|r| r.0).collect();
@@ -121,7 +144,7 @@ async fn pretrained_model_names_what_is_in_real_photos() {
         ));
     }
     println!(
-        "ACCURACY: efficientnet_lite0 on {} photos: {}",
+        "ACCURACY: {model} on {} photos: {}",
         photos.len(),
         summary.join("; ")
     );
@@ -138,8 +161,8 @@ async fn pretrained_model_names_what_is_in_real_photos() {
         .map(|(p, f)| ("file", p.name.as_str(), f.as_slice()))
         .collect();
     let (resp, body) = send(
-        &server,
-        predict_multipart("/models/efficientnet_lite0/predict", &parts),
+        server,
+        predict_multipart(&format!("/models/{model}/predict"), &parts),
     )
     .await;
     assert_eq!(resp.status(), 200, "{body}");
@@ -160,21 +183,6 @@ async fn pretrained_model_names_what_is_in_real_photos() {
             jpeg[0]
         );
     }
-    // The untrained default model answers /predict, and says it is untrained.
-    let (resp, body) = send(
-        &server,
-        predict_raw(
-            "/predict",
-            "application/octet-stream",
-            std::fs::read(dir.join("coffee.jpg")).unwrap(),
-        ),
-    )
-    .await;
-    assert_eq!(resp.status(), 200);
-    assert_eq!(
-        (body["model"].as_str(), body["trained"].as_bool()),
-        (Some("resnet18"), Some(false))
-    );
 }
 
 /// Scaled JPEG decoding (`--jpeg-scaled-decode auto`, libjpeg-turbo) against the full decode on

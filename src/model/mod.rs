@@ -1,9 +1,11 @@
 //! Models: what a classifier is to the rest of the server, and the backend that builds one.
 //!
-//! [`torch`] is the only code that touches libtorch; [`threads`] holds the thread settings and
+//! [`torch`] is the only code that touches libtorch (with [`aoti`], its bridge to AOTInductor
+//! packages); [`threads`] holds the thread settings and
 //! the CPU budget that the models' workers share. A [`Backend`] builds a [`Classifier`] on the
 //! model's own worker thread; the worker owns it from then on (see [`crate::pipeline`]).
 
+pub mod aoti;
 pub mod threads;
 pub mod torch;
 

@@ -1,5 +1,6 @@
-//! Loading, device, precision and the forward pass through libtorch: the only place that
-//! touches tch.
+//! Loading, device, precision and the forward pass through libtorch: with [`super::aoti`], the
+//! only place that touches tch. A model is a TorchScript module or an AOTInductor package; both
+//! get the same input and output handling.
 //!
 //! Everything here runs on the worker thread that owns the model; only plain bytes and floats
 //! cross threads.
@@ -9,9 +10,10 @@ use std::path::Path;
 use anyhow::{Context, bail};
 use tch::{CModule, Device, Kind, Tensor};
 
+use super::aoti::{AotiModel, package_metadata};
 use super::{Backend, Classifier, Loaded, ModelSpec};
 use crate::config::{DeviceRequest, MemoryFormat, ModelSettings, Precision, parse_device};
-use crate::metadata::ModelMetadata;
+use crate::metadata::{ModelFormat, ModelMetadata};
 
 /// Builds [`TorchClassifier`]s from TorchScript files on the device their settings ask for.
 #[derive(Debug, Default, Clone, Copy)]
@@ -21,11 +23,25 @@ impl Backend for TorchBackend {
     fn load(&self, spec: &ModelSpec) -> anyhow::Result<Loaded> {
         let s = &spec.settings;
         let device = resolve_device(parse_device(&s.device).map_err(anyhow::Error::msg)?)?;
-        if device == Device::Cpu && s.precision == Precision::Bf16 && !s.allow_emulated_bf16 {
+        let precision = match spec.meta.format {
+            ModelFormat::Torchscript => s.precision,
+            ModelFormat::Aoti => {
+                let p = package_precision(&spec.meta, s.precision)?;
+                check_package(
+                    &spec.meta,
+                    device,
+                    s.max_batch_size,
+                    &libtorch_version(),
+                    crate::config::cpu_flags(),
+                )?;
+                p
+            }
+        };
+        if device == Device::Cpu && precision == Precision::Bf16 && !s.allow_emulated_bf16 {
             check_native_bf16(&spec.name, crate::config::cpu_features())?;
         }
         let model =
-            TorchClassifier::load(&spec.dir, &spec.meta, device, s.precision, s.memory_format)?;
+            TorchClassifier::load(&spec.dir, &spec.meta, device, precision, s.memory_format)?;
         Ok(Loaded {
             classifier: Box::new(model),
             device: device_name(device),
@@ -40,6 +56,102 @@ impl Backend for TorchBackend {
             .and_then(resolve_device)
             .map_or(true, |d| d == Device::Cpu)
     }
+}
+
+/// The precision an AOTInductor package computes in: the one it was compiled for. Asking for
+/// another (other than the default fp32) is an error that says how to get it.
+pub fn package_precision(meta: &ModelMetadata, asked: Precision) -> anyhow::Result<Precision> {
+    let compiled = match meta.precision.as_deref().unwrap_or("fp32") {
+        "fp32" => Precision::Fp32,
+        "bf16" => Precision::Bf16,
+        "fp16" => Precision::Fp16,
+        other => bail!(
+            "model {}: metadata.json names an unknown precision {other:?}",
+            meta.name
+        ),
+    };
+    if asked != Precision::Fp32 && asked != compiled {
+        bail!(
+            "model {}: its AOTInductor package was compiled for {}; a package runs in the precision it \
+             was compiled for: remove --precision {} (or `precision` in its config.json), or export it \
+             again with `models/export.py --format aoti --precision {}`",
+            meta.name,
+            precision_name(compiled),
+            precision_name(asked),
+            precision_name(asked),
+        );
+    }
+    Ok(compiled)
+}
+
+fn precision_name(p: Precision) -> String {
+    format!("{p:?}").to_lowercase()
+}
+
+/// Checks that an AOTInductor package can run here: compiled for this device kind, by this
+/// libtorch's major.minor version, with a batch dimension that takes the largest batch.
+pub fn check_package(
+    meta: &ModelMetadata,
+    device: Device,
+    max_batch_size: usize,
+    libtorch: &str,
+    cpu_flags: Option<&[String]>,
+) -> anyhow::Result<()> {
+    let here = if device.is_cuda() { "cuda" } else { "cpu" };
+    if let Some(compiled) = meta.device.as_deref()
+        && compiled != here
+    {
+        bail!(
+            "model {}: its AOTInductor package was compiled for {compiled} and this model is set to \
+             run on {}: serve it with --device {compiled} (or `device` in its config.json), or export \
+             it again for {here} (`models/export.py --format aoti --device {here}`)",
+            meta.name,
+            device_name(device),
+        );
+    }
+    let major_minor = |v: &str| v.split('.').take(2).collect::<Vec<_>>().join(".");
+    if let Some(exported) = meta.torch_version.as_deref()
+        && libtorch != "unknown"
+        && major_minor(exported) != major_minor(libtorch)
+    {
+        bail!(
+            "model {}: its AOTInductor package was compiled by torch {exported}, and this server runs \
+             libtorch {libtorch}: a package runs only on the torch version that compiled it; export it \
+             again with torch {}",
+            meta.name,
+            major_minor(libtorch),
+        );
+    }
+    if let Some(have) = cpu_flags
+        && !device.is_cuda()
+    {
+        let missing: Vec<&str> = meta
+            .cpu_flags
+            .iter()
+            .filter(|f| !have.contains(f))
+            .map(String::as_str)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "model {}: its AOTInductor package was compiled for a CPU with {}, and this CPU lacks \
+                 {}: export it again on a CPU like the ones it is served on (the oldest of them)",
+                meta.name,
+                meta.cpu_flags.join(", "),
+                missing.join(", "),
+            );
+        }
+    }
+    if let Some(max) = meta.max_batch
+        && max_batch_size > max as usize
+    {
+        bail!(
+            "model {}: its AOTInductor package takes batches of at most {max}, and max_batch_size is \
+             {max_batch_size}: set --max-batch-size (or `max_batch_size` in its config.json) to at most \
+             {max}, or export it again with `--max-batch {max_batch_size}`",
+            meta.name,
+        );
+    }
+    Ok(())
 }
 
 /// bf16 on a CPU that only emulates it is refused, with the reason and what to use instead.
@@ -138,9 +250,40 @@ fn is_channels_last(size: &[i64], stride: &[i64]) -> bool {
     true
 }
 
-/// A TorchScript classifier on one device.
+/// The network itself.
+enum Program {
+    Script(CModule),
+    /// With the largest batch its batch dimension takes.
+    Aoti(AotiModel, Option<usize>),
+}
+
+impl Program {
+    fn run(&mut self, x: &Tensor) -> anyhow::Result<Tensor> {
+        match self {
+            Self::Script(m) => Ok(m.forward_ts(&[x])?),
+            Self::Aoti(m, max) => {
+                let n = x.size().first().copied().unwrap_or(0) as usize;
+                if let Some(max) = max
+                    && n > *max
+                {
+                    bail!("a batch of {n}: this AOTInductor package takes at most {max}");
+                }
+                let mut out = m.run(&[x])?;
+                if out.len() != 1 {
+                    bail!(
+                        "the AOTInductor package returned {} outputs, expected 1 (the logits)",
+                        out.len()
+                    );
+                }
+                Ok(out.remove(0))
+            }
+        }
+    }
+}
+
+/// A classifier on one device: a TorchScript module or an AOTInductor package.
 pub struct TorchClassifier {
-    module: CModule,
+    program: Program,
     device: Device,
     kind: Kind,
     channels_last: bool,
@@ -154,8 +297,10 @@ pub struct TorchClassifier {
 }
 
 impl TorchClassifier {
-    /// Loads `model.pt` onto `device` and casts it to `precision`. Call on the inference thread,
-    /// after the thread settings.
+    /// Loads `model.pt` onto `device` and casts it to `precision`, or opens an AOTInductor
+    /// package (which runs in the precision it was compiled for: `precision` only sets the input
+    /// cast, which its compiled graph does itself, so the input stays fp32). Call on the
+    /// inference thread, after the thread settings.
     pub fn load(
         dir: &Path,
         meta: &ModelMetadata,
@@ -189,24 +334,52 @@ impl TorchClassifier {
             );
         }
         let path = meta.model_path(dir);
-        let mut module = CModule::load_on_device(&path, device)
-            .with_context(|| format!("loading TorchScript model {}", path.display()))?;
-        module.f_set_eval()?;
-        let kind = match precision {
-            Precision::Fp32 => Kind::Float,
-            Precision::Bf16 => Kind::BFloat16,
-            Precision::Fp16 => Kind::Half,
+        let (program, kind, channels_last) = match meta.format {
+            ModelFormat::Torchscript => {
+                let mut module = CModule::load_on_device(&path, device)
+                    .with_context(|| format!("loading TorchScript model {}", path.display()))?;
+                module.f_set_eval()?;
+                let kind = match precision {
+                    Precision::Fp32 => Kind::Float,
+                    Precision::Bf16 => Kind::BFloat16,
+                    Precision::Fp16 => Kind::Half,
+                };
+                if kind != Kind::Float {
+                    module.to(device, kind, false);
+                }
+                let channels_last = match memory_format {
+                    MemoryFormat::Contiguous => false,
+                    MemoryFormat::ChannelsLast | MemoryFormat::Auto => true,
+                };
+                if channels_last {
+                    to_channels_last(&module)?;
+                }
+                (Program::Script(module), kind, channels_last)
+            }
+            ModelFormat::Aoti => {
+                // What the package says of itself outranks metadata.json.
+                let compiled = package_metadata(&path)?;
+                let here = if device.is_cuda() { "cuda" } else { "cpu" };
+                if let Some(kind) = compiled.get("AOTI_DEVICE_KEY")
+                    && kind != here
+                {
+                    bail!(
+                        "model {}: {} was compiled for {kind}, and this model is set to run on {}",
+                        meta.name,
+                        path.display(),
+                        device_name(device)
+                    );
+                }
+                let index = match device {
+                    Device::Cuda(n) => Some(n),
+                    _ => None,
+                };
+                let model = AotiModel::load(&path, index)?;
+                // The compiled graph takes the contiguous fp32 input it was exported with.
+                let max = meta.max_batch.map(|m| m as usize);
+                (Program::Aoti(model, max), Kind::Float, false)
+            }
         };
-        if kind != Kind::Float {
-            module.to(device, kind, false);
-        }
-        let channels_last = match memory_format {
-            MemoryFormat::Contiguous => false,
-            MemoryFormat::ChannelsLast | MemoryFormat::Auto => true,
-        };
-        if channels_last {
-            to_channels_last(&module)?;
-        }
         let per_channel = |v: [f32; 3]| {
             Tensor::f_from_slice(&v)?
                 .f_view([1, 3, 1, 1])?
@@ -215,7 +388,7 @@ impl TorchClassifier {
         let scale = per_channel(std::array::from_fn(|c| 1.0 / (255.0 * meta.std[c])))?;
         let shift = per_channel(std::array::from_fn(|c| -meta.mean[c] / meta.std[c]))?;
         Ok(Self {
-            module,
+            program,
             device,
             kind,
             channels_last,
@@ -227,9 +400,12 @@ impl TorchClassifier {
     }
 
     /// Whether every convolution weight has channels-last strides (the layout the input gets).
+    /// An AOTInductor package's weights are compiled in: never.
     pub fn weights_channels_last(&self) -> anyhow::Result<bool> {
-        Ok(self
-            .module
+        let Program::Script(module) = &self.program else {
+            return Ok(false);
+        };
+        Ok(module
             .named_parameters()?
             .iter()
             .filter(|(_, p)| p.dim() == 4)
@@ -270,13 +446,13 @@ impl TorchClassifier {
     }
 
     /// Probabilities for a batch already on the device, in f32, on the CPU.
-    fn probabilities(&self, x: Tensor) -> Result<Tensor, tch::TchError> {
+    fn probabilities(&mut self, x: Tensor) -> anyhow::Result<Tensor> {
         let x = x.f_to_kind(self.kind)?;
-        let logits = self.module.forward_ts(&[x])?;
-        logits
+        let logits = self.program.run(&x)?;
+        Ok(logits
             .f_to_kind(Kind::Float)?
             .f_softmax(-1, Kind::Float)?
-            .f_to_device(Device::Cpu)
+            .f_to_device(Device::Cpu)?)
     }
 }
 
@@ -303,8 +479,13 @@ impl Classifier for TorchClassifier {
 
     fn padded_batch(&self, n: usize) -> usize {
         // cuDNN tunes per shape: keep to a few warmed shapes on CUDA. On CPU padding only costs.
+        // Never past what an AOTInductor package takes.
         if self.device.is_cuda() {
-            n.next_power_of_two()
+            let padded = n.next_power_of_two();
+            match self.program {
+                Program::Aoti(_, Some(max)) => padded.min(max).max(n),
+                _ => padded,
+            }
         } else {
             n
         }
@@ -368,6 +549,66 @@ mod tests {
         assert!(check_native_bf16("m", &[]).is_err());
         assert!(check_native_bf16("m", &["avx2", "avx512f", "avx512_bf16"]).is_ok());
         assert!(check_native_bf16("m", &["amx_bf16"]).is_ok());
+    }
+
+    fn package(precision: &str) -> ModelMetadata {
+        serde_json::from_str(&format!(
+            r#"{{"name":"m","labels":["a"],"format":"aoti","device":"cpu","precision":"{precision}",
+                "max_batch":16,"torch_version":"2.11.0","cpu_flags":["avx512f","amx_tile"]}}"#
+        ))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_package_runs_only_where_it_was_compiled_for() {
+        let flags: Vec<String> = ["avx2", "avx512f", "amx_tile"].map(String::from).to_vec();
+        let ok =
+            |m: &ModelMetadata, d, b, v: &str, f: Option<&[String]>| check_package(m, d, b, v, f);
+        let m = package("fp32");
+        ok(&m, Device::Cpu, 16, "2.11.0", Some(&flags)).unwrap();
+        // A patch release of the same minor version runs it; unknown flags are not checked.
+        ok(&m, Device::Cpu, 8, "2.11.1", None).unwrap();
+        let err = |r: anyhow::Result<()>| r.unwrap_err().to_string();
+        let e = err(ok(&m, Device::Cuda(0), 8, "2.11.0", Some(&flags)));
+        assert!(
+            e.contains("compiled for cpu") && e.contains("--device cpu"),
+            "{e}"
+        );
+        let e = err(ok(&m, Device::Cpu, 8, "2.10.0", Some(&flags)));
+        assert!(
+            e.contains("torch 2.11.0") && e.contains("libtorch 2.10.0"),
+            "{e}"
+        );
+        let e = err(ok(&m, Device::Cpu, 32, "2.11.0", Some(&flags)));
+        assert!(
+            e.contains("at most 16") && e.contains("--max-batch-size"),
+            "{e}"
+        );
+        let avx2: Vec<String> = vec!["avx2".into()];
+        let e = err(ok(&m, Device::Cpu, 8, "2.11.0", Some(&avx2)));
+        assert!(e.contains("lacks avx512f, amx_tile"), "{e}");
+    }
+
+    #[test]
+    fn a_package_computes_in_its_own_precision() {
+        let m = package("bf16");
+        assert_eq!(
+            package_precision(&m, Precision::Fp32).unwrap(),
+            Precision::Bf16
+        );
+        assert_eq!(
+            package_precision(&m, Precision::Bf16).unwrap(),
+            Precision::Bf16
+        );
+        let e = package_precision(&m, Precision::Fp16)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("compiled for bf16") && e.contains("--precision fp16"),
+            "{e}"
+        );
+        let m = package("int4");
+        assert!(package_precision(&m, Precision::Fp32).is_err());
     }
 
     #[test]

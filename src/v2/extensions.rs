@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 
 use serde::Serialize;
 
-use super::{INPUT_IMAGES, INPUT_TENSOR, OUTPUT, PLATFORM};
+use super::{INPUT_IMAGES, INPUT_TENSOR, OUTPUT};
 use crate::error::ApiError;
 use crate::pipeline::Pipeline;
 use crate::repository::ModelState;
@@ -189,7 +189,7 @@ pub fn config(pipeline: &Pipeline, device: &str, served: &[u64]) -> ModelConfig 
     let parameter = |v: String| Parameter { string_value: v };
     ModelConfig {
         name: pipeline.name.clone(),
-        platform: PLATFORM.into(),
+        platform: pipeline.meta.format.platform().into(),
         backend: "pytorch".into(),
         version_policy: VersionPolicy {
             specific: SpecificVersions {

@@ -41,8 +41,6 @@ pub const EXTENSIONS: [&str; 5] = [
     "model_configuration",
     "statistics",
 ];
-/// The platform reported in model metadata: a TorchScript model run by libtorch.
-pub const PLATFORM: &str = "pytorch_libtorch";
 /// The preprocessed-tensor input.
 pub const INPUT_TENSOR: &str = "input";
 /// The encoded-images input.
@@ -79,7 +77,7 @@ impl ModelMeta {
         Self {
             name: pipeline.name.clone(),
             versions: vec![pipeline.version.to_string()],
-            platform: PLATFORM.into(),
+            platform: pipeline.meta.format.platform().into(),
             inputs: vec![
                 tensor(INPUT_TENSOR, "FP32", vec![-1, 3, s, s]),
                 // [N, 1], as Triton reports a batching model's dims [1] (the model configuration

@@ -289,3 +289,24 @@ def test_gzip_and_deflate_requests(http, grpc, accuracy):
             compression_algorithm=algorithm,
         ).as_numpy("probabilities")
         np.testing.assert_array_equal(got, want)
+
+
+PACKAGE = PRETRAINED + "_aoti"
+
+
+def test_an_aoti_package_is_served_like_torchscript(client, accuracy):
+    """The same network as an AOTInductor package (models/efficientnet_lite0_aoti): its metadata
+    and configuration say so, and every photo gets the TorchScript model's answer."""
+    mod, c = client
+    m = c.get_model_metadata(PACKAGE) if mod is httpclient else c.get_model_metadata(PACKAGE, as_json=True)
+    assert m["platform"] == "pytorch_aoti"
+    cfg = as_dict(mod, c.get_model_config, PACKAGE)
+    if mod is grpcclient:
+        cfg = cfg["config"]
+    assert cfg["platform"] == "pytorch_aoti"
+    images = [img for _, img, _ in accuracy]
+    package = c.infer(PACKAGE, [images_input(mod, images)], outputs=[probabilities(mod)]).as_numpy("probabilities")
+    script = c.infer(PRETRAINED, [images_input(mod, images)], outputs=[probabilities(mod)]).as_numpy("probabilities")
+    assert package.shape == script.shape == (len(images), 1000)
+    assert (package.argmax(1) == script.argmax(1)).all()
+    assert float(np.abs(package - script).max()) < 1e-3

@@ -51,7 +51,10 @@ def photos() -> dict[str, np.ndarray]:
 def load_model(model_dir: str):
     with open(os.path.join(model_dir, "metadata.json")) as f:
         meta = json.load(f)
-    model = torch.jit.load(os.path.join(model_dir, meta.get("file", "model.pt")), map_location="cpu").eval()
+    if meta.get("format") == "aoti":
+        model = torch._inductor.aoti_load_package(os.path.join(model_dir, meta.get("file", "model.pt2")))
+    else:
+        model = torch.jit.load(os.path.join(model_dir, meta.get("file", "model.pt")), map_location="cpu").eval()
     interpolation = transforms.InterpolationMode(meta.get("interpolation", "bilinear"))
     tf = transforms.Compose([
         transforms.Resize(meta.get("resize_size", 256), interpolation=interpolation),
