@@ -63,7 +63,7 @@ PHONE_DIR = os.path.join(ROOT, "target", "phone-photos")
 PERF_ANALYZER = os.path.join(ROOT, ".venv-perf", "bin", "perf_analyzer")
 OUT = os.path.join(ROOT, "bench", "out")
 
-PARTS = ["raw", "tch", "bf16", "sweep", "peers", "phone", "v2", "perf", "int8"]
+PARTS = ["raw", "tch", "bf16", "sweep", "peers", "phone", "v2", "perf", "int8", "pt2"]
 # Batch policy and thread budget variants measured against the defaults (flags of `serve`).
 SWEEP = [
     ("defaults (max batch 8, delay 0 ms)", []),
@@ -759,6 +759,89 @@ def part_int8(ctx: dict, results: dict) -> None:
     results["int8"] = out
 
 
+def part_pt2(ctx: dict, results: dict) -> None:
+    """The model as an AOTInductor package (models/export.py --format aoti, exported into target/
+    when missing) against TorchScript, in fp32 and (where the CPU has native bf16) bf16: raw
+    forward at batch 1 and the best batch, then each server end to end, one after the other in
+    this part. With the peers part in the same run, the ratio to the better peer too."""
+    md, photos, dur, vus = ctx["model_dir"], ctx["photos"], ctx["seconds"], ctx["vus"]
+    out: dict = {"raw": {}, "rows": [], "dirs": {}}
+    batches = [1, 2, 4, 8, 16]
+    for precision in ctx["precisions"]:
+        pt2_dir = os.path.join(ROOT, "target", "models", f"{os.path.basename(md)}_aoti_{precision}")
+        if not os.path.exists(os.path.join(pt2_dir, "model.pt2")):
+            log(f"exporting the {precision} AOTInductor package to {pt2_dir}")
+            t0 = time.monotonic()
+            subprocess.run([sys.executable, os.path.join(ROOT, "models", "export.py"), "--arch", os.path.basename(md),
+                            "--format", "aoti", "--precision", precision, "--out", pt2_dir, "--force"],
+                           check=True, stdout=subprocess.DEVNULL)
+            out.setdefault("compile_s", {})[precision] = time.monotonic() - t0
+        out["dirs"][precision] = pt2_dir
+        for fmt, d in (("torchscript", md), ("pt2", pt2_dir)):
+            # A package computes in the precision it was compiled for; --precision is TorchScript's cast.
+            rows = raw_forward(d, precision if fmt == "torchscript" else "fp32", batches, ctx["forward_seconds"])
+            out["raw"][f"{fmt} {precision}"] = rows
+            log(f"  raw {fmt} {precision}: " + ", ".join(f"b{r['batch']} {r['images_per_s']:.1f}/s" for r in rows))
+    for precision in ctx["precisions"]:
+        for fmt, d, flags in (("torchscript", md, ["--precision", precision]), ("pt2", out["dirs"][precision], [])):
+            server = start_tch(d, *flags, name=f"tch-serve {fmt} {precision}")
+            try:
+                out["rows"].append({**server_suite(server, photos, vus, dur), "format": fmt, "precision": precision,
+                                    "workload": "small"})
+            finally:
+                stop(server)
+    results["pt2"] = out
+
+
+def pt2_section(r: dict) -> list[str]:
+    q = r.get("pt2")
+    if not q:
+        return []
+    md = [
+        "## AOTInductor packages (.pt2) against TorchScript",
+        "",
+        f"`models/export.py --format aoti` of `{r['model']}` (torch.export, dynamic batch 1-64, frozen weights, compiled "
+        "for this CPU), served with the defaults beside the TorchScript model, one after the other in this part. "
+        "Parity and load errors: `tests/aoti.rs`.",
+        "",
+        "| model | batch 1 images/s | best batch | best images/s |",
+        "| --- | --- | --- | --- |",
+    ]
+    for name, rows in q["raw"].items():
+        best = max(rows, key=lambda x: x["images_per_s"])
+        md.append(f"| raw {name} | {rows[0]['images_per_s']:.1f} | {best['batch']} | {best['images_per_s']:.1f} |")
+    md += [""]
+    for precision in {k.split()[1] for k in q["raw"]}:
+        ts, pt = q["raw"][f"torchscript {precision}"], q["raw"][f"pt2 {precision}"]
+        b1 = pt[0]["images_per_s"] / ts[0]["images_per_s"]
+        best = max(x["images_per_s"] for x in pt) / max(x["images_per_s"] for x in ts)
+        md.append(f"Raw {precision}: .pt2 / TorchScript **{b1:.2f}x** at batch 1, **{best:.2f}x** at the best batch.")
+    md += [
+        "",
+        "| server | saturated images/s | idle p50 (ms) | saturated p99 (ms) | RSS loaded (MB) | start to ready (s) |",
+        "| --- | --- | --- | --- | --- | --- |",
+        *[f"| {x['name']} | {x['sat']['ok_per_s']:.1f} | {x['idle']['lat_ok']['med']:.1f} | {x['sat']['lat_ok']['p(99)']:.0f} | "
+          f"{x['rss_loaded_mb']:.0f} | {x['startup_s']:.2f} |" for x in q["rows"]],
+        "",
+    ]
+    by = {(x["format"], x["precision"]): x for x in q["rows"]}
+    for (fmt, precision), x in by.items():
+        if fmt != "pt2":
+            continue
+        ts = by[("torchscript", precision)]
+        raw1 = 1000.0 / q["raw"][f"pt2 {precision}"][0]["images_per_s"]
+        line = (f"End to end {precision}: .pt2 / TorchScript **{x['sat']['ok_per_s'] / ts['sat']['ok_per_s']:.2f}x**; "
+                f"idle p50 {x['idle']['lat_ok']['med']:.1f} ms against the raw batch-1 pass {raw1:.1f} ms "
+                f"(+{x['idle']['lat_ok']['med'] - raw1:.1f} ms)")
+        peers = r.get("peers") or {}
+        best_peer = max((p["configs"][p["best"]] for p in peers.values()), key=lambda c: c["sat"]["ok_per_s"], default=None)
+        if best_peer and precision == "fp32":
+            line += f"; against the better peer in this run ({best_peer['name']}) **{x['sat']['ok_per_s'] / best_peer['sat']['ok_per_s']:.2f}x**"
+        md.append(line + ".")
+    md.append("")
+    return md
+
+
 def int8_section(r: dict) -> list[str]:
     q = r.get("int8")
     if not q:
@@ -840,15 +923,15 @@ def part_phone(ctx: dict, results: dict) -> None:
 
 
 PART_FUNCS = {"raw": part_raw, "tch": part_tch, "bf16": part_bf16, "sweep": part_sweep, "peers": part_peers,
-              "phone": part_phone, "v2": part_v2, "perf": part_perf, "int8": part_int8}
+              "phone": part_phone, "v2": part_v2, "perf": part_perf, "int8": part_int8, "pt2": part_pt2}
 
 
 def check_ready(parts: list[str]) -> list[str]:
     """What is missing for the chosen parts: every missing piece is an error, none is skipped."""
     missing = []
-    if not os.path.exists(BIN) and {"tch", "bf16", "sweep", "phone", "v2", "perf", "int8"} & set(parts):
+    if not os.path.exists(BIN) and {"tch", "bf16", "sweep", "phone", "v2", "perf", "int8", "pt2"} & set(parts):
         missing.append(f"{BIN} (make build)")
-    if "raw" in parts:
+    if {"raw", "pt2"} & set(parts):
         missing += [f"{p} (cargo build --release --examples)" for p in (FORWARD, PREPROCESS) if not os.path.exists(p)]
     if {"peers", "phone"} & set(parts):
         if not os.path.exists(os.path.join(FASTAPI_DIR, "app.py")):
@@ -1198,6 +1281,7 @@ def write_report(r: dict) -> None:
         ]
     md += phone_section(r)
     md += int8_section(r)
+    md += pt2_section(r)
     md += perf_section(r)
     v2 = r.get("v2") or []
     if v2:
