@@ -95,26 +95,13 @@ const MAX_PROGRESSIVE_SCANS: u32 = 500;
 /// error or warning from libjpeg-turbo): the full decode then decides, and reports what is
 /// wrong the same way for every path.
 fn decode_jpeg_scaled(bytes: &[u8], probe: &Probe, min_short: u32) -> Option<image::RgbImage> {
-    use turbojpeg::{Colorspace, Decompressor, Image, PixelFormat, ScalingFactor};
+    use turbojpeg::{Decompressor, Image, PixelFormat};
     let mut d = Decompressor::new().ok()?;
     let header = d.read_header(bytes).ok()?;
-    if (header.width, header.height) != (probe.width as usize, probe.height as usize)
-        || header.is_lossless
-        || !matches!(
-            header.colorspace,
-            Colorspace::YCbCr | Colorspace::Gray | Colorspace::RGB
-        )
-    {
+    if !scalable(&header, probe) {
         return None;
     }
-    let short = header.width.min(header.height);
-    let factor = [
-        ScalingFactor::ONE_EIGHTH,
-        ScalingFactor::ONE_QUARTER,
-        ScalingFactor::ONE_HALF,
-    ]
-    .into_iter()
-    .find(|f| f.scale(short) >= min_short as usize)?;
+    let factor = scaling_for(header.width.min(header.height), min_short)?;
     d.set_scaling_factor(factor).ok()?;
     d.set_scan_limit(MAX_PROGRESSIVE_SCANS).ok()?;
     let scaled = header.scaled(factor);
@@ -132,6 +119,57 @@ fn decode_jpeg_scaled(bytes: &[u8], probe: &Probe, min_short: u32) -> Option<ima
         u32::try_from(scaled.height).ok()?,
         pixels,
     )
+}
+
+/// The smallest DCT scale of 1/8, 1/4 and 1/2 that keeps a short side of `short` at least
+/// `min_short`.
+fn scaling_for(short: usize, min_short: u32) -> Option<turbojpeg::ScalingFactor> {
+    use turbojpeg::ScalingFactor;
+    [
+        ScalingFactor::ONE_EIGHTH,
+        ScalingFactor::ONE_QUARTER,
+        ScalingFactor::ONE_HALF,
+    ]
+    .into_iter()
+    .find(|f| f.scale(short) >= min_short as usize)
+}
+
+/// Whether libjpeg-turbo decodes this JPEG to RGB at a reduced scale: the header agrees with
+/// the probe, and it is a YCbCr, grayscale or RGB JPEG that is not lossless.
+fn scalable(header: &turbojpeg::DecompressHeader, probe: &Probe) -> bool {
+    use turbojpeg::Colorspace;
+    (header.width, header.height) == (probe.width as usize, probe.height as usize)
+        && !header.is_lossless
+        && matches!(
+            header.colorspace,
+            Colorspace::YCbCr | Colorspace::Gray | Colorspace::RGB
+        )
+}
+
+/// An upper bound of the memory a scaled decode takes: libjpeg-turbo's RGB output at the
+/// scale, the copy an orientation needs, slack for the resize's intermediate rows, and for a
+/// progressive JPEG the coefficients of the whole image (two bytes each, at full resolution,
+/// whatever the scale).
+fn scaled_decode_bytes(header: &turbojpeg::DecompressHeader, min_short: u32) -> Option<u64> {
+    use turbojpeg::Subsamp;
+    let factor = scaling_for(header.width.min(header.height), min_short)?;
+    let scaled = header.scaled(factor);
+    let (w, h) = (header.width as u64, header.height as u64);
+    let out = 3 * scaled.width as u64 * scaled.height as u64;
+    let coefficients = if header.is_progressive {
+        // Bytes per full-resolution pixel: 2 per coefficient, times the components' share of
+        // the pixels (luma 1, each chroma plane 1 / its subsampling).
+        let per_pixel = match header.subsamp {
+            Subsamp::Gray => 2,
+            Subsamp::Sub2x2 | Subsamp::Sub4x1 => 3,
+            Subsamp::Sub2x1 | Subsamp::Sub1x2 => 4,
+            _ => 6,
+        };
+        per_pixel * w * h
+    } else {
+        0
+    };
+    Some(2 * out + out / 2 + coefficients + 64 * w.max(h))
 }
 
 /// Geometry of a model's input, and the limits on what is decoded.
@@ -154,6 +192,10 @@ pub struct Probe {
     /// An upper bound of the memory decoding it takes: the decoded image in its own pixel
     /// format, the RGB copy, and the copy an orientation needs.
     pub decode_bytes: u64,
+    /// What decoding it at a reduced scale takes, when the preprocessor will try that first
+    /// (a large JPEG under scaled decoding); `decode_bytes` is then what the full decode it
+    /// falls back to takes.
+    pub scaled_decode_bytes: Option<u64>,
 }
 
 /// A preprocessed image: `crop_size * crop_size * 3` RGB bytes in HWC order.
@@ -203,9 +245,60 @@ impl Preprocessor {
     /// Reads the header only: the format, the dimensions (checked against the pixel limit and
     /// the aspect ratio) and what decoding will take. Never panics.
     pub fn probe(&self, bytes: &[u8]) -> Result<Probe, PreprocessError> {
-        std::panic::catch_unwind(|| probe(bytes, self.max_pixels)).unwrap_or_else(|_| {
+        std::panic::catch_unwind(|| {
+            let mut p = probe(bytes, self.max_pixels)?;
+            p.scaled_decode_bytes = self.scaled_plan(bytes, &p);
+            Ok(p)
+        })
+        .unwrap_or_else(|_| {
             Err(PreprocessError::Undecodable(
                 "the decoder failed on this image's header".into(),
+            ))
+        })
+    }
+
+    /// What a scaled decode of this image takes, when [`Self::run_scaled_only`] will try one.
+    fn scaled_plan(&self, bytes: &[u8], probe: &Probe) -> Option<u64> {
+        let min_short = self.jpeg_min_short_side?;
+        if probe.format != ImageFormat::Jpeg
+            || probe.width.min(probe.height) < min_short.saturating_mul(2)
+        {
+            return None;
+        }
+        let header = turbojpeg::Decompressor::new()
+            .ok()?
+            .read_header(bytes)
+            .ok()?;
+        if !scalable(&header, probe) {
+            return None;
+        }
+        scaled_decode_bytes(&header, min_short)
+    }
+
+    /// The scaled decode alone (see [`Self::run`]): `None` when the image takes the full
+    /// decode ([`Self::run_full`]) instead.
+    pub fn run_scaled_only(&self, bytes: &[u8]) -> Result<Option<Preprocessed>, PreprocessError> {
+        let Some(min_short) = self.jpeg_min_short_side else {
+            return Ok(None);
+        };
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_scaled(bytes, min_short)
+        }))
+        .unwrap_or_else(|_| {
+            Err(PreprocessError::Undecodable(
+                "the decoder failed on this image".into(),
+            ))
+        })
+    }
+
+    /// The full decode alone, whatever the scaled-decoding setting.
+    pub fn run_full(&self, bytes: &[u8]) -> Result<Preprocessed, PreprocessError> {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            self.run_full_unguarded(bytes)
+        }))
+        .unwrap_or_else(|_| {
+            Err(PreprocessError::Undecodable(
+                "the decoder failed on this image".into(),
             ))
         })
     }
@@ -227,6 +320,10 @@ impl Preprocessor {
         {
             return Ok(out);
         }
+        self.run_full_unguarded(bytes)
+    }
+
+    fn run_full_unguarded(&self, bytes: &[u8]) -> Result<Preprocessed, PreprocessError> {
         let (rgb, format) = decode_oriented(bytes, self.max_pixels, self.exif)?;
         let (width, height) = rgb.dimensions();
         let pixels = self.crop_rgb(rgb.as_raw(), width, height)?;
@@ -377,6 +474,7 @@ fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, PreprocessError> {
         width,
         height,
         decode_bytes: decoded + 2 * pixels * 3,
+        scaled_decode_bytes: None,
     })
 }
 
@@ -569,6 +667,46 @@ mod tests {
             .map(|(x, y)| f64::from(x.abs_diff(*y)))
             .sum::<f64>()
             / a.len() as f64
+    }
+
+    #[test]
+    fn a_scaled_decode_is_budgeted_at_its_scale() {
+        let auto = pre().with_jpeg_scaling(JpegScaledDecode::Auto);
+        let phone = encode(&gradient(4032, 3024), ImageFormat::Jpeg);
+        let p = auto.probe(&phone).unwrap();
+        let scaled = p
+            .scaled_decode_bytes
+            .expect("a phone photo is decoded at a scale");
+        // 1/4 scale: 1008x756 RGB, its orientation copy and slack: about a tenth of the full.
+        assert!(scaled >= 2 * 3 * 1008 * 756, "{scaled}");
+        assert!(
+            scaled * 8 < p.decode_bytes,
+            "{scaled} of {}",
+            p.decode_bytes
+        );
+        // Off, small, or not a JPEG: only the full decode.
+        let off = pre().with_jpeg_scaling(JpegScaledDecode::Off);
+        assert_eq!(off.probe(&phone).unwrap().scaled_decode_bytes, None);
+        let small = encode(&gradient(1300, 1000), ImageFormat::Jpeg);
+        assert_eq!(auto.probe(&small).unwrap().scaled_decode_bytes, None);
+        let png = encode(&gradient(1600, 1200), ImageFormat::Png);
+        assert_eq!(auto.probe(&png).unwrap().scaled_decode_bytes, None);
+        // A progressive JPEG holds every coefficient of the full image, whatever the scale.
+        let mut header = turbojpeg::Decompressor::new()
+            .unwrap()
+            .read_header(&phone)
+            .unwrap();
+        header.is_progressive = true;
+        let progressive = scaled_decode_bytes(&header, 512).unwrap();
+        assert!(progressive >= scaled + 3 * 4032 * 3024, "{progressive}");
+        // The scaled decode alone, and the full decode alone.
+        assert!(auto.run_scaled_only(&phone).unwrap().is_some());
+        assert!(auto.run_scaled_only(&small).unwrap().is_none());
+        assert!(off.run_scaled_only(&phone).unwrap().is_none());
+        assert_eq!(
+            auto.run_full(&phone).unwrap().pixels,
+            off.run(&phone).unwrap().pixels
+        );
     }
 
     #[test]

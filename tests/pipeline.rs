@@ -629,6 +629,96 @@ async fn decoding_stays_within_its_memory_budget() {
     assert_eq!(metrics.decode_memory.get(), 0);
 }
 
+/// Under scaled JPEG decoding a large JPEG takes the budget share its scale needs, not the full
+/// decode's: four 2400x1800 JPEGs decoded at once take less than one full decode would hold.
+/// A large JPEG that libjpeg-turbo declines mid-decode (corrupt entropy data) comes back for
+/// the full decode's share and is answered; nothing is left taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn scaled_decoding_takes_the_budget_its_scale_needs() {
+    let (w, h) = (2400u32, 1800u32);
+    let full = u64::from(w * h) * 3 * 3;
+    let server = fake_server(
+        &[
+            // The least the pixel limit allows (14 bytes a pixel): room for one full decode.
+            "--decode-memory-bytes",
+            &(u64::from(w * h) * 14).to_string(),
+            "--max-image-pixels",
+            &(w * h).to_string(),
+            "--preprocess-threads",
+            "4",
+            "--jpeg-scaled-decode",
+            "auto",
+        ],
+        Duration::ZERO,
+    )
+    .await;
+    let metrics = server.state.metrics.clone();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let (metrics, stop) = (metrics.clone(), stop.clone());
+        move || {
+            let mut peak = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                peak = peak.max(metrics.decode_memory.get());
+                std::thread::yield_now();
+            }
+            peak
+        }
+    });
+    let router = server.router();
+    let send_all = |photos: Vec<Vec<u8>>| {
+        let router = router.clone();
+        async move {
+            let tasks: Vec<_> = photos
+                .into_iter()
+                .map(|photo| {
+                    let router = router.clone();
+                    tokio::spawn(async move {
+                        let resp = router
+                            .oneshot(predict_raw("/predict", "image/jpeg", photo))
+                            .await
+                            .unwrap();
+                        resp.status().as_u16()
+                    })
+                })
+                .collect();
+            let mut statuses = Vec::new();
+            for t in tasks {
+                statuses.push(t.await.unwrap());
+            }
+            statuses
+        }
+    };
+    let photos: Vec<Vec<u8>> = (0..4)
+        .map(|i| image_bytes(i, w, h, ImageFormat::Jpeg))
+        .collect();
+    assert_eq!(send_all(photos).await, vec![200; 4]);
+    stop.store(true, Ordering::Relaxed);
+    let peak = sampler.join().unwrap() as u64;
+    println!(
+        "decode memory: peak {peak} bytes for four scaled decodes; a full decode takes {full}"
+    );
+    assert!(peak > 0, "the budget must be used");
+    assert!(
+        peak < full,
+        "peak {peak}: a scaled decode took the full decode's share {full}"
+    );
+
+    // Corrupt entropy data in the middle of the scan: libjpeg-turbo stops with a warning, so
+    // the scaled decode declines; the full decode then decides.
+    let mut corrupt = image_bytes(9, w, h, ImageFormat::Jpeg);
+    let mid = corrupt.len() / 2;
+    for b in &mut corrupt[mid..mid + 64] {
+        *b = 0xFF;
+    }
+    let statuses = send_all(vec![corrupt]).await;
+    assert!(
+        matches!(statuses[0], 200 | 400 | 422),
+        "the fallback answered {statuses:?}"
+    );
+    assert_eq!(metrics.decode_memory.get(), 0);
+}
+
 /// A decode budget too small for the largest image the pixel limit allows stops the start
 /// with a message naming both settings.
 #[test]

@@ -356,24 +356,47 @@ impl Pipeline {
         let span = Span::current();
         let work = async move {
             let probe = preprocessor.probe(&bytes)?;
-            let Some(share) = budget.take(probe.decode_bytes).await else {
-                return Err(PipelineError::Preprocess(PreprocessError::OverBudget {
-                    width: probe.width,
-                    height: probe.height,
-                    needed: probe.decode_bytes,
-                    budget: budget.total_bytes(),
-                }));
+            // A large JPEG under scaled decoding takes what the scale needs; should the scaled
+            // decode decline it after all, the job comes back here for the full decode's share.
+            let mut job = DecodeJob {
+                place,
+                bytes,
+                reply,
+                span,
+                scaled: probe.scaled_decode_bytes.is_some(),
             };
-            pool.spawn(move || {
-                let job = DecodeJob {
-                    place,
-                    bytes,
-                    share,
-                    reply,
-                    span,
+            loop {
+                let needed = match probe.scaled_decode_bytes {
+                    Some(b) if job.scaled => b,
+                    _ => probe.decode_bytes,
                 };
-                decode_and_queue(job, &preprocessor, &queue, &metrics)
-            });
+                let Some(share) = budget.take(needed).await else {
+                    return Err(PipelineError::Preprocess(PreprocessError::OverBudget {
+                        width: probe.width,
+                        height: probe.height,
+                        needed,
+                        budget: budget.total_bytes(),
+                    }));
+                };
+                let (back, returned) = oneshot::channel();
+                let (preprocessor, queue, metrics) =
+                    (preprocessor.clone(), queue.clone(), metrics.clone());
+                pool.spawn(move || {
+                    if let Some(job) = decode_and_queue(job, share, &preprocessor, &queue, &metrics)
+                    {
+                        let _ = back.send(job);
+                    }
+                });
+                match returned.await {
+                    Ok(declined) => {
+                        job = DecodeJob {
+                            scaled: false,
+                            ..declined
+                        }
+                    }
+                    Err(_) => break,
+                }
+            }
             answer.await.unwrap_or_else(|_| {
                 Err(PipelineError::Unavailable {
                     model,
@@ -481,34 +504,33 @@ impl Future for Pending {
 struct DecodeJob {
     place: Place,
     bytes: Bytes,
-    share: DecodeShare,
     reply: oneshot::Sender<Result<Classified, PipelineError>>,
     /// The request's span.
     span: Span,
+    /// Whether to try the scaled decode (with the budget share it needs) rather than the full.
+    scaled: bool,
 }
 
+/// Decodes the job's image holding `share` of the decode budget, and queues it for the model
+/// or answers its error. Gives the job back when the scaled decode declined the image: it then
+/// needs the full decode's share.
 fn decode_and_queue(
     job: DecodeJob,
+    share: DecodeShare,
     preprocessor: &Preprocessor,
     queue: &Queue,
     metrics: &ModelMetrics,
-) {
-    let DecodeJob {
-        place,
-        bytes,
-        share,
-        reply,
-        span,
-    } = job;
-    if reply.is_closed() {
+) -> Option<DecodeJob> {
+    if job.reply.is_closed() {
         metrics.cancelled_images.inc();
-        return;
+        return None;
     }
-    let preprocess = child_span(&span, || {
+    let span = &job.span;
+    let preprocess = child_span(span, || {
         tracing::info_span!(
-            parent: &span,
+            parent: span,
             "preprocess",
-            image.bytes = bytes.len(),
+            image.bytes = job.bytes.len(),
             image.format = tracing::field::Empty,
             image.width = tracing::field::Empty,
             image.height = tracing::field::Empty,
@@ -516,7 +538,24 @@ fn decode_and_queue(
         )
     });
     let started = Instant::now();
-    let decoded = preprocess.in_scope(|| preprocessor.run(&bytes));
+    let decoded = preprocess.in_scope(|| {
+        if job.scaled {
+            preprocessor.run_scaled_only(&job.bytes).transpose()
+        } else {
+            Some(preprocessor.run_full(&job.bytes))
+        }
+    });
+    let Some(decoded) = decoded else {
+        // Declined by the scaled decode: the caller takes the full decode's share first.
+        return Some(job);
+    };
+    let DecodeJob {
+        place,
+        bytes,
+        reply,
+        span,
+        ..
+    } = job;
     drop(bytes);
     drop(share);
     let preprocess_time = started.elapsed();
@@ -533,12 +572,12 @@ fn decode_and_queue(
         Ok(d) => d,
         Err(e) => {
             let _ = reply.send(Err(e.into()));
-            return;
+            return None;
         }
     };
     if reply.is_closed() {
         metrics.cancelled_images.inc();
-        return;
+        return None;
     }
     let job = Job {
         input: Input::Pixels(decoded.pixels),
@@ -567,4 +606,5 @@ fn decode_and_queue(
             reason,
         }));
     }
+    None
 }
