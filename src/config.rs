@@ -48,12 +48,7 @@ pub enum Precision {
     Fp16,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Text,
-    Json,
-}
+pub use crate::telemetry::LogFormat;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -337,39 +332,6 @@ impl ServeConfig {
 
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.request_timeout_ms)
-    }
-
-    pub fn upload_limits(&self) -> crate::api::upload::UploadLimits {
-        crate::api::upload::UploadLimits {
-            timeout: Duration::from_secs(self.upload_timeout_secs),
-            min_rate: self.upload_min_rate_bytes,
-            grace: Duration::from_secs(self.upload_rate_grace_secs),
-        }
-    }
-
-    /// The connection discipline of both front doors.
-    pub fn connection_limits(&self) -> crate::server::listener::ConnectionLimits {
-        crate::server::listener::ConnectionLimits {
-            max_connections: self.max_connections,
-            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
-            keep_alive_timeout: Duration::from_secs(self.keep_alive_timeout_secs),
-            send_timeout: Duration::from_secs(self.send_timeout_secs),
-            http2: self.http2_limits(),
-        }
-    }
-
-    pub fn http2_limits(&self) -> crate::server::listener::Http2Limits {
-        crate::server::listener::Http2Limits {
-            max_concurrent_streams: self.http2_max_concurrent_streams,
-            max_header_list_bytes: self.http2_max_header_list_bytes,
-            max_frame_bytes: self.http2_max_frame_bytes,
-            max_resets: self.http2_max_resets,
-            stream_window_bytes: self.http2_stream_window_bytes,
-            connection_window_bytes: self.http2_connection_window_bytes,
-            keep_alive_interval: (self.http2_keep_alive_interval_secs > 0)
-                .then(|| Duration::from_secs(self.http2_keep_alive_interval_secs)),
-            keep_alive_timeout: Duration::from_secs(self.http2_keep_alive_timeout_secs),
-        }
     }
 
     /// Cross-field checks; the message names the flags to change.

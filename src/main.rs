@@ -1,3 +1,6 @@
+//! The `tch-serve` command: parses the command line, starts the runtime and hands over to the
+//! library (`serve`, `healthcheck`).
+
 use std::process::ExitCode;
 use std::time::Duration;
 

@@ -26,8 +26,6 @@ use tracing_subscriber::filter::{EnvFilter, Targets};
 use tracing_subscriber::layer::{Layer, SubscriberExt};
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::config::LogFormat;
-
 /// The tracer provider exporting spans, while traces are exported; taken on shutdown.
 static PROVIDER: Mutex<Option<SdkTracerProvider>> = Mutex::new(None);
 
@@ -46,6 +44,14 @@ fn otlp_endpoint_from(flag: Option<&str>, env: impl Fn(&str) -> Option<String>) 
         .filter(|v| !v.trim().is_empty())
         .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
         .or_else(|| env("OTEL_EXPORTER_OTLP_ENDPOINT"))
+}
+
+/// How log lines are written (`--log-format`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Installs the global tracing subscriber: `RUST_LOG` filters (default `info`), text or JSON;
@@ -300,6 +306,19 @@ fn gauge(name: &str, help: &str, labels: &[&str]) -> IntGaugeVec {
 }
 
 impl Metrics {
+    /// Every reason a connection closes for and every state it can be in, at 0 on both doors
+    /// from the start, so that rates and alerts have a series (the listener names them).
+    pub fn prime_connection_series(&self, reasons: &[&str], states: &[&str]) {
+        for door in ["http", "grpc"] {
+            for reason in reasons {
+                self.connections_closed.with_label_values(&[door, reason]);
+            }
+            for state in states {
+                self.connections_by_state.with_label_values(&[door, state]);
+            }
+        }
+    }
+
     pub fn new() -> Self {
         let m = Self {
             registry: Registry::new(),
@@ -537,12 +556,6 @@ impl Metrics {
             m.connections.with_label_values(&[door]);
             m.connections_refused
                 .with_label_values(&[door, "max_connections"]);
-            for reason in crate::server::listener::closed_reasons() {
-                m.connections_closed.with_label_values(&[door, reason]);
-            }
-            for state in crate::server::listener::connection_states() {
-                m.connections_by_state.with_label_values(&[door, state]);
-            }
         }
         for outcome in ["changed", "unchanged", "failed"] {
             m.api_key_reloads.with_label_values(&[outcome]);

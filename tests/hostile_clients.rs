@@ -292,7 +292,7 @@ async fn stalled_and_endless_uploads_are_answered_408() {
 async fn thousands_of_half_open_connections_do_not_lock_out_a_normal_client() {
     const CAP: usize = 256;
     // The server's own start-up step: the soft limit raised to the hard one.
-    let limit = tch_serve::server::listener::raise_open_file_limit(CAP) as usize;
+    let limit = tch_serve::listener::raise_open_file_limit(CAP) as usize;
     // Each half-open connection costs this process two descriptors while the server holds it
     // (its client end and the server's end), one once the server has closed its end.
     let n = 3000.min(limit.saturating_sub(CAP + 200));

@@ -9,7 +9,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use crate::error::ApiError;
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// Refuses a request for a protected route without a valid key, before its body is read.
 pub async fn require_api_key(
@@ -29,7 +29,7 @@ pub async fn require_api_key(
         Ok(()) => next.run(request).await,
         Err(why) => {
             // A client still sending a body reads the 401 instead of a broken pipe.
-            super::upload::linger_unless_expected(request);
+            crate::upload::linger_unless_expected(request);
             ApiError::Unauthorized(why).into_response()
         }
     }

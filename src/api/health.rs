@@ -11,7 +11,7 @@ use utoipa::ToSchema;
 
 use crate::error::ErrorCode;
 use crate::repository::ModelView;
-use crate::server::{AppState, Readiness};
+use crate::state::{AppState, Readiness};
 
 /// Readiness and what is being served.
 #[derive(Debug, Serialize, ToSchema)]

@@ -1,5 +1,6 @@
-//! The HTTP front door: the router, the JSON fallbacks, and the layers every request passes
-//! through (request id, tracing, metrics, panic catching). Each endpoint family has its file;
+//! The HTTP front door (`/predict`, `/models`, `/health`, `/metrics`): its routes, the JSON
+//! fallbacks, and the layers every request passes through (request id, tracing, metrics, panic
+//! catching), which the server puts around both doors' routes. Each endpoint family has its file;
 //! they only translate between HTTP and the [`crate::repository`] and [`crate::pipeline`].
 
 mod auth;
@@ -7,14 +8,13 @@ mod health;
 mod models;
 mod openapi;
 mod predict;
-pub mod upload;
 
 use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderName, Method, Uri};
+use axum::http::{Method, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -24,30 +24,20 @@ use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetReques
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+pub use crate::doors::{Prediction, top_k};
 pub use openapi::ApiDoc;
-pub use predict::{ImageResult, PredictResponse, Prediction, Timings, parse_query, top_k};
+pub use predict::{ImageResult, PredictResponse, Timings, parse_query};
 
 use crate::error::{ApiError, ErrorCode};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::telemetry::Metrics;
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub use crate::doors::{BodyReceived, ModelLabel, REQUEST_ID, TRACE_ID};
 
-/// The trace id of the request's span, on every response while traces are exported.
-pub const TRACE_ID: HeaderName = HeaderName::from_static("x-trace-id");
-
-/// Set on a response by a handler that resolved a model, for the metrics' `model` label.
-#[derive(Debug, Clone)]
-pub struct ModelLabel(pub String);
-
-/// Set on a response by a handler that read a request body: when the body was complete.
-#[derive(Debug, Clone, Copy)]
-pub struct BodyReceived(pub Instant);
-
-/// Every route of the HTTP front door, with the server's layers.
-pub fn router(state: Arc<AppState>) -> Router {
-    let body_limit = DefaultBodyLimit::max(state.config.max_body_bytes);
-    let routes = Router::new()
+/// The routes of the HTTP front door (the server adds the v2 routes and the layers).
+pub fn routes(max_body_bytes: usize) -> Router<Arc<AppState>> {
+    let body_limit = DefaultBodyLimit::max(max_body_bytes);
+    Router::new()
         .route("/predict", post(predict::predict).layer(body_limit))
         .route(
             "/models/{name}/predict",
@@ -60,10 +50,6 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/health", get(health::health))
         .route("/live", get(health::live))
         .route("/metrics", get(health::metrics))
-        .route("/openapi.json", get(openapi::openapi_json))
-        // The Open Inference Protocol (KServe v2) REST routes.
-        .merge(crate::v2::rest::routes(state.config.max_body_bytes));
-    with_layers(routes, state)
 }
 
 /// Wraps `routes` in the layers every request passes through: the JSON fallbacks, panics

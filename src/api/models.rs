@@ -14,7 +14,7 @@ use utoipa::ToSchema;
 use super::ModelLabel;
 use crate::error::ApiError;
 use crate::repository::{ModelState, ModelView};
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// The `{name}` of a `/models/{name}/...` route, with a JSON error when it cannot be read.
 pub struct ModelName(pub String);

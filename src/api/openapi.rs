@@ -1,11 +1,12 @@
-//! `GET /openapi.json`: the API description, generated from the handlers' annotations.
+//! The description of the `/predict` door, generated from the handlers' annotations (the
+//! server adds the v2 door's and serves it at `GET /openapi.json`).
 
-use axum::Json;
 use utoipa::OpenApi;
 
 use crate::api::health::HealthBody;
 use crate::api::models::ModelList;
-use crate::api::predict::{ImageResult, PredictResponse, Prediction, Timings};
+use crate::api::predict::{ImageResult, PredictResponse, Timings};
+use crate::doors::Prediction;
 use crate::error::ErrorBody;
 
 #[derive(OpenApi)]
@@ -29,7 +30,3 @@ use crate::error::ErrorBody;
     tags((name = "inference"), (name = "models"), (name = "operations"))
 )]
 pub struct ApiDoc;
-
-pub async fn openapi_json() -> Json<utoipa::openapi::OpenApi> {
-    Json(crate::v2::rest::with_v2(ApiDoc::openapi()))
-}

@@ -14,20 +14,12 @@ use tracing::Instrument;
 use utoipa::ToSchema;
 
 use super::models::ModelName;
-use super::upload::UploadBudget;
-use super::{BodyReceived, ModelLabel};
+use crate::doors::{BodyReceived, ModelLabel, Prediction, top_k};
 use crate::error::ApiError;
 use crate::pipeline::{Classified, Pipeline, WorkerState};
-use crate::server::AppState;
+use crate::state::AppState;
 use crate::telemetry::RequestTimes;
-
-/// One class and its probability.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema, PartialEq)]
-pub struct Prediction {
-    pub label: String,
-    pub index: usize,
-    pub probability: f32,
-}
+use crate::upload::UploadBudget;
 
 /// The answer for one image.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -330,29 +322,8 @@ pub fn parse_query(
     Ok(PredictQuery { top_k: k, model })
 }
 
-/// The `k` most probable classes, highest first (ties by lower index). `k` is capped at the
-/// number of classes.
-pub fn top_k(probs: &[f32], k: usize, labels: &[String]) -> Vec<Prediction> {
-    let k = k.min(probs.len());
-    if k == 0 {
-        return Vec::new();
-    }
-    let order = |a: &usize, b: &usize| probs[*b].total_cmp(&probs[*a]).then(a.cmp(b));
-    let mut idx: Vec<usize> = (0..probs.len()).collect();
-    idx.select_nth_unstable_by(k - 1, order);
-    idx.truncate(k);
-    idx.sort_unstable_by(order);
-    idx.into_iter()
-        .map(|i| Prediction {
-            label: labels.get(i).cloned().unwrap_or_else(|| i.to_string()),
-            index: i,
-            probability: probs[i],
-        })
-        .collect()
-}
-
 /// The images of a request: every multipart `file` part in order, or the raw body, received
-/// under the upload budget and deadlines (see [`super::upload`]).
+/// under the upload budget and deadlines (see [`crate::upload`]).
 async fn read_uploads(
     request: Request,
     limit: usize,
@@ -379,7 +350,7 @@ fn refuse_declared_over(request: Request, limit: usize) -> Result<Request, ApiEr
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        super::upload::linger_unless_expected(request);
+        crate::upload::linger_unless_expected(request);
         return Err(ApiError::PayloadTooLarge { limit });
     }
     Ok(request)
@@ -459,7 +430,7 @@ async fn read_parts(
     }
     let bytes = axum::body::to_bytes(request.into_body(), limit)
         .await
-        .map_err(|e| body_error(e, limit))?;
+        .map_err(|e| crate::upload::body_error(e, limit))?;
     if bytes.is_empty() {
         return Err(ApiError::MissingFile);
     }
@@ -475,18 +446,6 @@ fn multipart_error(e: axum::extract::multipart::MultipartError, limit: usize) ->
     } else {
         ApiError::BadRequest(format!("invalid multipart body: {}", e.body_text()))
     }
-}
-
-pub(super) fn body_error(e: axum::Error, limit: usize) -> ApiError {
-    let inner = e.into_inner();
-    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
-    while let Some(err) = source {
-        if err.is::<http_body_util::LengthLimitError>() {
-            return ApiError::PayloadTooLarge { limit };
-        }
-        source = err.source();
-    }
-    ApiError::BadRequest(format!("could not read the request body: {inner}"))
 }
 
 #[cfg(test)]

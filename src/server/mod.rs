@@ -1,5 +1,6 @@
-//! Assembling and running the server: the shared state, the repository's initial loads, the
-//! listener, the repository poller, and the shutdown sequence.
+//! Assembling and running the server: the shared state ([`crate::state`]), the router of both
+//! HTTP doors, the repository's initial loads, the listeners, the repository poller, and the
+//! shutdown sequence. Nothing imports it but the binary.
 //!
 //! Shutdown, on the one cancellation token: `/health` turns 503 at once; the listener keeps
 //! serving for `--shutdown-delay-secs` (so load balancers stop sending first), then closes; the
@@ -8,10 +9,7 @@
 //! that time to end. `serve` returns by then in every case; a forward pass that never ends is
 //! left behind on its own thread, and the process exits without it.
 
-pub mod listener;
-
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -20,71 +18,31 @@ use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::upload::UploadBudget;
 use crate::auth::ApiKeys;
 use crate::config::{ModelSource, ServeConfig};
+use crate::listener::{self as listener, Door};
 use crate::model::threads::CpuBudget;
 use crate::model::{Backend, TorchBackend, torch};
 use crate::pipeline::{DecodeBudget, Shared};
-use crate::repository::{ModelState, Repository};
+use crate::repository::Repository;
+pub use crate::state::{AppState, Readiness};
 use crate::telemetry::Metrics;
-use listener::Door;
+use crate::upload::UploadBudget;
 
-/// What the front doors share.
-pub struct AppState {
-    pub config: ServeConfig,
-    pub repository: Arc<Repository>,
-    pub metrics: Arc<Metrics>,
-    shutting_down: AtomicBool,
-    /// The memory of request bodies being received, and their deadlines.
-    pub uploads: UploadBudget,
-    /// The API keys (none: every route is open), re-read as `--api-key-file` changes.
-    pub auth: Arc<ApiKeys>,
+/// Every route of both HTTP doors, `/predict` and the Open Inference Protocol's REST routes,
+/// with the layers every request passes through.
+pub fn router(state: std::sync::Arc<AppState>) -> axum::Router {
+    let max_body = state.config.max_body_bytes;
+    let routes = crate::api::routes(max_body)
+        .route("/openapi.json", axum::routing::get(openapi_json))
+        .merge(crate::v2::rest::routes(max_body));
+    crate::api::with_layers(routes, state)
 }
 
-/// Whether the server takes traffic, as `/health` says.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Readiness {
-    Ready,
-    /// A model that should be loaded is still loading.
-    Starting(Vec<String>),
-    /// A model that should be served is not: failed, stopped, failing.
-    Unhealthy(Vec<String>),
-    ShuttingDown,
-}
-
-impl AppState {
-    pub fn is_shutting_down(&self) -> bool {
-        self.shutting_down.load(Ordering::Acquire)
-    }
-
-    pub fn begin_shutdown(&self) {
-        self.shutting_down.store(true, Ordering::Release);
-        self.metrics.ready.set(0);
-    }
-
-    pub fn readiness(&self) -> Readiness {
-        let r = if self.is_shutting_down() {
-            Readiness::ShuttingDown
-        } else {
-            match self.repository.readiness() {
-                Ok(()) => Readiness::Ready,
-                Err(problems) => {
-                    let loading = problems.iter().all(|p| p.state == ModelState::Loading);
-                    let problems = problems.iter().map(ToString::to_string).collect();
-                    if loading {
-                        Readiness::Starting(problems)
-                    } else {
-                        Readiness::Unhealthy(problems)
-                    }
-                }
-            }
-        };
-        self.metrics
-            .ready
-            .set(i64::from(matches!(r, Readiness::Ready)));
-        r
-    }
+/// `GET /openapi.json`: the description of both doors, generated from the handlers' annotations.
+async fn openapi_json() -> axum::Json<utoipa::openapi::OpenApi> {
+    use utoipa::OpenApi;
+    axum::Json(crate::v2::rest::with_v2(crate::api::ApiDoc::openapi()))
 }
 
 /// Each model's name and the outcome of its first load.
@@ -109,6 +67,10 @@ impl Server {
         .map_err(anyhow::Error::msg)?
         .with_rotation_grace(Duration::from_secs(config.api_key_rotation_grace_secs));
         let metrics = Arc::new(Metrics::new());
+        metrics.prime_connection_series(
+            &listener::closed_reasons().collect::<Vec<_>>(),
+            &listener::connection_states().collect::<Vec<_>>(),
+        );
         let (preprocess_threads, _) = config.thread_split();
         metrics
             .build_info
@@ -161,18 +123,18 @@ impl Server {
                 futures_util::future::join_all(loads).await
             })
         };
-        let state = Arc::new(AppState {
-            uploads: UploadBudget::new(
-                config.max_upload_memory_bytes,
-                config.upload_limits(),
-                &metrics,
-            ),
-            auth: Arc::new(auth),
+        let uploads = UploadBudget::new(
+            config.max_upload_memory_bytes,
+            config.upload_limits(),
+            &metrics,
+        );
+        let state = Arc::new(AppState::new(
             config,
             repository,
             metrics,
-            shutting_down: AtomicBool::new(false),
-        });
+            uploads,
+            Arc::new(auth),
+        ));
         Ok(Self {
             state,
             loading: Some(loading),
@@ -180,7 +142,7 @@ impl Server {
     }
 
     pub fn router(&self) -> axum::Router {
-        crate::api::router(self.state.clone())
+        router(self.state.clone())
     }
 
     /// Waits until every model has been loaded and warmed (or failed to be); an error names

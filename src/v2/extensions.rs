@@ -12,7 +12,7 @@ use super::{INPUT_IMAGES, INPUT_TENSOR, OUTPUT};
 use crate::error::ApiError;
 use crate::pipeline::Pipeline;
 use crate::repository::ModelState;
-use crate::server::AppState;
+use crate::state::AppState;
 
 /// One entry of the repository index: one version of a model.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]

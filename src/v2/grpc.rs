@@ -1,7 +1,7 @@
 //! The Open Inference Protocol over gRPC: `inference.GRPCInferenceService` (the protocol's
 //! `grpc_predict_v2.proto`, in proto/) and the standard `grpc.health.v1.Health` service (for
 //! Kubernetes' gRPC probes: SERVING while the server is ready), on their own port
-//! (`--grpc-port`), accepted by [`crate::server::listener`] with the same connection discipline
+//! (`--grpc-port`), accepted by [`crate::listener`] with the same connection discipline
 //! as the HTTP door (cap and eviction, header and idle timeouts, HTTP/2 limits).
 //!
 //! Every call passes through [`call`], as every HTTP request passes through the HTTP door's
@@ -38,10 +38,10 @@ use tonic_health::ServingStatus;
 use tracing::Instrument;
 
 use super::{Data, InputTensor, OutputRequest, extensions};
-use crate::api::upload::Receiving;
 use crate::error::ApiError;
-use crate::server::{AppState, Readiness};
+use crate::state::{AppState, Readiness};
 use crate::telemetry::Metrics;
+use crate::upload::Receiving;
 
 /// The code generated from proto/grpc_predict_v2.proto.
 pub mod proto {
@@ -78,7 +78,7 @@ impl Service {
 }
 
 /// The gRPC door's service: the health and inference services behind [`call`], for
-/// [`crate::server::listener::accept`]. The health service follows the server's readiness and
+/// [`crate::listener::accept`]. The health service follows the server's readiness and
 /// turns NOT_SERVING as soon as `shutdown` is cancelled.
 pub async fn door(state: Arc<AppState>, shutdown: CancellationToken) -> axum::Router {
     let (reporter, health) = tonic_health::server::health_reporter();
@@ -181,7 +181,7 @@ pub async fn call(State(state): State<Arc<AppState>>, request: Request, next: Ne
         if let Some(id) = crate::telemetry::trace_id(&span)
             && let Ok(v) = axum::http::HeaderValue::from_str(&id)
         {
-            response.headers_mut().insert(crate::api::TRACE_ID, v);
+            response.headers_mut().insert(crate::doors::TRACE_ID, v);
         }
         response
     };
@@ -192,7 +192,7 @@ pub async fn call(State(state): State<Arc<AppState>>, request: Request, next: Ne
 /// gave), held to the message size limit from the 5-byte length prefix on, its errors as gRPC
 /// statuses that tonic answers the call with.
 ///
-/// [`UploadBudget::receive`]: crate::api::upload::UploadBudget::receive
+/// [`UploadBudget::receive`]: crate::upload::UploadBudget::receive
 struct MessageBody {
     inner: axum::body::Body,
     receiving: Receiving,

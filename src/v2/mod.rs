@@ -28,7 +28,7 @@ use bytes::Bytes;
 
 use crate::error::ApiError;
 use crate::pipeline::{Classified, Pipeline};
-use crate::server::AppState;
+use crate::state::AppState;
 use tensor::DataType;
 
 /// The server's name in the protocol's server metadata.
@@ -438,7 +438,7 @@ pub fn outputs(
             Some(k) => {
                 let mut strings = Vec::with_capacity(answers.len() * k);
                 for a in answers {
-                    for p in crate::api::top_k(&a.probabilities, k, labels) {
+                    for p in crate::doors::top_k(&a.probabilities, k, labels) {
                         strings.push(format!("{}:{}:{}", p.probability, p.index, p.label));
                     }
                 }

@@ -31,9 +31,9 @@ use super::tensor::JsonData;
 use super::{
     Data, EXTENSIONS, InputTensor, ModelMeta, OutputData, OutputRequest, SERVER_NAME, short,
 };
-use crate::api::{BodyReceived, ModelLabel};
+use crate::doors::{BodyReceived, ModelLabel};
 use crate::error::{ApiError, ErrorCode};
-use crate::server::{AppState, Readiness};
+use crate::state::{AppState, Readiness};
 
 /// The header that gives the length of the JSON part of a binary request or response.
 pub const HEADER_LENGTH: &str = "inference-header-content-length";
@@ -336,7 +336,7 @@ async fn serve(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
-        crate::api::upload::linger_unless_expected(request);
+        crate::upload::linger_unless_expected(request);
         return Err(ApiError::PayloadTooLarge { limit });
     }
     let header_length = match headers.get(HEADER_LENGTH) {

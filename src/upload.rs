@@ -150,7 +150,7 @@ impl UploadBudget {
         let (request, receiving) = self.receive(request, deadline)?;
         axum::body::to_bytes(request.into_body(), limit)
             .await
-            .map_err(|e| receiving.explain(super::predict::body_error(e, limit)))
+            .map_err(|e| receiving.explain(body_error(e, limit)))
     }
 }
 
@@ -346,6 +346,30 @@ fn linger(body: axum::body::Body) {
         };
         let _ = tokio::time::timeout(LINGER_TIME, drain).await;
     });
+}
+
+/// A body that could not be read: 413 when it passed the limit, else 400 saying why.
+pub fn body_error(e: axum::Error, limit: usize) -> ApiError {
+    let inner = e.into_inner();
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(inner.as_ref());
+    while let Some(err) = source {
+        if err.is::<http_body_util::LengthLimitError>() {
+            return ApiError::PayloadTooLarge { limit };
+        }
+        source = err.source();
+    }
+    ApiError::BadRequest(format!("could not read the request body: {inner}"))
+}
+
+impl crate::config::ServeConfig {
+    /// The upload deadlines of both front doors.
+    pub fn upload_limits(&self) -> UploadLimits {
+        UploadLimits {
+            timeout: Duration::from_secs(self.upload_timeout_secs),
+            min_rate: self.upload_min_rate_bytes,
+            grace: Duration::from_secs(self.upload_rate_grace_secs),
+        }
+    }
 }
 
 #[cfg(test)]

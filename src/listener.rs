@@ -14,7 +14,7 @@
 //!   backend that closes an idle connection first makes the balancer answer 502) while the
 //!   header timeout stays short.
 //! - `busy`: a request is in (its body being received, under the upload deadlines of
-//!   [`crate::api::upload`]) or being served, until its response is ready.
+//!   [`crate::upload`]) or being served, until its response is ready.
 //! - `sending`: every response is ready, and some wait on the client to take them (an HTTP/2
 //!   client that keeps its flow-control window shut, a client that stops reading). Closed
 //!   after `--send-timeout-secs`.
@@ -859,5 +859,31 @@ impl Connections {
         }
         while tasks.join_next().await.is_some() {}
         finished
+    }
+}
+impl crate::config::ServeConfig {
+    /// The connection discipline of both front doors.
+    pub fn connection_limits(&self) -> ConnectionLimits {
+        ConnectionLimits {
+            max_connections: self.max_connections,
+            header_read_timeout: Duration::from_secs(self.header_read_timeout_secs),
+            keep_alive_timeout: Duration::from_secs(self.keep_alive_timeout_secs),
+            send_timeout: Duration::from_secs(self.send_timeout_secs),
+            http2: self.http2_limits(),
+        }
+    }
+
+    pub fn http2_limits(&self) -> Http2Limits {
+        Http2Limits {
+            max_concurrent_streams: self.http2_max_concurrent_streams,
+            max_header_list_bytes: self.http2_max_header_list_bytes,
+            max_frame_bytes: self.http2_max_frame_bytes,
+            max_resets: self.http2_max_resets,
+            stream_window_bytes: self.http2_stream_window_bytes,
+            connection_window_bytes: self.http2_connection_window_bytes,
+            keep_alive_interval: (self.http2_keep_alive_interval_secs > 0)
+                .then(|| Duration::from_secs(self.http2_keep_alive_interval_secs)),
+            keep_alive_timeout: Duration::from_secs(self.http2_keep_alive_timeout_secs),
+        }
     }
 }
