@@ -113,14 +113,28 @@ RUN cargo-stubs >/tmp/stubs.txt \
  && rm -rf target/release/.fingerprint/tch-serve-* target/release/deps/tch_serve-* \
       target/release/deps/libtch_serve-* target/release/tch-serve*
 
+# cargo-sbom writes the binary's software bill of materials (the crates it is
+# built from, CycloneDX JSON) into the image: /usr/share/doc/tch-serve/sbom.cdx.json.
+RUN cargo install --locked --quiet --root /opt/cargo-sbom cargo-sbom@0.10.0
+
 # The sources. touch: COPY keeps the files' old mtimes, which could look
 # older than the stub build's outputs. Then the ldd check, and a copy of
 # exactly the libtorch libraries the binary loads, in the same layout, without
 # their symbol tables (dynamic symbols stay): about 90 MB less.
+# The wheel's libtorch.so is only a name that loads libtorch_cpu.so and
+# libtorch_cuda.so (it defines nothing of its own but libstdc++ templates);
+# an AOTInductor package's library names it, so it is replaced by the same
+# name loading libtorch_cpu.so alone, as in the CPU-only libtorch.
 COPY src/ src/
-RUN find src -type f -exec touch {} + \
+RUN lib=/opt/libtorch/site-packages/torch/lib \
+ && g++ -shared -x c /dev/null -o "$lib/libtorch.so" -Wl,-soname,libtorch.so \
+      -Wl,--no-as-needed -L"$lib" -ltorch_cpu \
+ && readelf -d "$lib/libtorch.so" | grep NEEDED \
+ && find src -type f -exec touch {} + \
  && cargo build --release --locked --bin tch-serve \
  && install -D -m 0755 target/release/tch-serve /out/bin/usr/local/bin/tch-serve \
+ && mkdir -p /out/bin/usr/share/doc/tch-serve \
+ && /opt/cargo-sbom/bin/cargo-sbom --output-format cyclone_dx_json_1_6 --cargo-package tch-serve >/out/bin/usr/share/doc/tch-serve/sbom.cdx.json \
  && ldd /out/bin/usr/local/bin/tch-serve | tee /tmp/ldd.txt \
  && if grep -q 'not found' /tmp/ldd.txt; then echo 'unresolved shared libraries' >&2; exit 1; fi \
  && if grep -q 'libtorch_cuda' /tmp/ldd.txt; then echo 'the CPU binary links CUDA' >&2; exit 1; fi \
@@ -173,7 +187,7 @@ ARG VERSION=0.1.0
 ARG VCS_REF=unknown
 ARG BUILD_DATE=unknown
 LABEL org.opencontainers.image.title="tch-serve" \
-      org.opencontainers.image.description="Image-classification inference server: a TorchScript ResNet behind axum (CPU)" \
+      org.opencontainers.image.description="Image-classification inference server: TorchScript models and AOTInductor packages behind axum (CPU)" \
       org.opencontainers.image.version="${VERSION}" \
       org.opencontainers.image.revision="${VCS_REF}" \
       org.opencontainers.image.created="${BUILD_DATE}" \

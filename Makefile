@@ -18,10 +18,12 @@ PRETRAINED_DIR := models/efficientnet_lite0
 AOTI_DIR := models/efficientnet_lite0_aoti
 PORT ?= 8000
 TEST_DATA := target/test-data
+SBOM := target/release/tch-serve.cdx.json
+CARGO_SBOM := target/tools/bin/cargo-sbom
 # tch builds against the libtorch inside the venv's torch wheel.
 CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
 
-.PHONY: run setup venv build-tools model test-data build test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
+.PHONY: run setup venv build-tools model test-data build sbom test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
 
 ## Set up, build and serve the model repository models/ (port $(PORT)): the pretrained
 ## efficientnet_lite0 as an AOTInductor package (efficientnet_lite0_aoti, the default model)
@@ -57,8 +59,20 @@ $(TEST_DATA)/reference.json: tests/python/reference.py tests/data/accuracy.json 
 		$(MODEL_DIR)/model.pt $(PRETRAINED_DIR)/model.pt $(AOTI_DIR)/model.pt2
 	$(PY) tests/python/reference.py --model-dir $(MODEL_DIR) --repository models --out $(TEST_DATA)
 
+## The release binary and its software bill of materials (CycloneDX JSON, the crates it is
+## built from: target/release/tch-serve.cdx.json; the images carry the same file).
 build: venv build-tools
 	$(CARGO) build --release --locked
+	@$(MAKE) --no-print-directory sbom
+
+sbom: $(SBOM)
+$(SBOM): Cargo.toml Cargo.lock $(CARGO_SBOM)
+	$(CARGO_SBOM) --output-format cyclone_dx_json_1_6 --cargo-package tch-serve >$@.tmp
+	$(PY) scripts/check-sbom.py $@.tmp
+	mv $@.tmp $@
+# Pinned; built once into target/tools (about a minute on 2 cores).
+$(CARGO_SBOM):
+	cargo install --locked --quiet --root target/tools cargo-sbom@0.10.0
 
 ## The whole suite: formatting, unit and integration tests (real model, real sockets),
 ## Kubernetes manifests against real schemas, the container tests (real Docker engine, real

@@ -192,6 +192,15 @@ check "CPU image: every library of the binary resolves" bash -c '! grep -q "not 
 check "CPU image: the binary does not link CUDA (libtorch_cuda)" bash -c '! grep -q "libtorch_cuda" <<<"$0"' "$cpu_ldd"
 check "CPU image: runs as a numeric non-root user" \
   bash -c '[[ "$(docker image inspect -f "{{.Config.User}}" "$0")" =~ ^[1-9][0-9]*(:[0-9]+)?$ ]]' "$CPU_IMAGE"
+docker run --rm --entrypoint cat "$CPU_IMAGE" /usr/share/doc/tch-serve/sbom.cdx.json >"$work/image-sbom.cdx.json" 2>&1
+check "CPU image: carries the binary's SBOM, every crate at its Cargo.lock version (/usr/share/doc/tch-serve/sbom.cdx.json)" \
+  "$PY" scripts/check-sbom.py "$work/image-sbom.cdx.json"
+check "CPU image: OCI labels (title, version, revision $vcs_ref, licenses)" bash -c '
+  labels=$(docker image inspect -f "{{range \$k, \$v := .Config.Labels}}{{\$k}}={{\$v}}{{println}}{{end}}" "$0")
+  grep -qx "org.opencontainers.image.title=tch-serve" <<<"$labels" &&
+  grep -q "^org.opencontainers.image.version=." <<<"$labels" &&
+  grep -qx "org.opencontainers.image.revision=$1" <<<"$labels" &&
+  grep -qx "org.opencontainers.image.licenses=Apache-2.0" <<<"$labels"' "$CPU_IMAGE" "$vcs_ref"
 
 if [ "$SKIP_GPU" = 1 ]; then
   echo "SKIP_GPU=1: GPU image not built"
@@ -211,6 +220,8 @@ else
       grep -qx "NVIDIA_VISIBLE_DEVICES=all" <<<"$env" && grep -qx "TCH_SERVE_DEVICE=cuda" <<<"$env" &&
       [ "$(docker image inspect -f "{{.Config.User}}" "$0")" = "10001:10001" ] &&
       docker image inspect -f "{{.Config.Healthcheck.Test}}" "$0" | grep -q healthcheck' "$GPU_IMAGE"
+    docker run --rm --entrypoint cat "$GPU_IMAGE" /usr/share/doc/tch-serve/sbom.cdx.json >"$work/image-gpu-sbom.cdx.json" 2>&1
+    check "GPU image: carries the binary's SBOM" "$PY" scripts/check-sbom.py "$work/image-gpu-sbom.cdx.json"
   else
     bad "build $GPU_IMAGE (see target/container-test/build-gpu.log)"
     tail -n 30 "$work/build-gpu.log"
@@ -393,8 +404,24 @@ if [ -f "$root/models/efficientnet_lite0_aoti/model.pt2" ] && [ -f "$cat_photo" 
   else
     bad "docker-compose up with TCH_SERVE_MODEL_REPOSITORY=/host-models (log: target/container-test/compose-host.log)"
     tail -n 20 "$work/compose-host.log"
+    compose logs --no-color --tail 20 api 2>&1 | tail -n 20
   fi
   compose down -v --remove-orphans >/dev/null 2>&1 || true
+
+  # The same package under Docker's default --tmpfs (noexec): refused with an error that names
+  # the mount, while the TorchScript models serve (/health says 503: a model failed).
+  docker run -d --name "$ct_name" -p "127.0.0.1:$CT_PORT:8000" --read-only --tmpfs /tmp \
+    -v "$root/models:/host-models:ro" -e TCH_SERVE_MODEL_REPOSITORY=/host-models "$CPU_IMAGE" >/dev/null
+  if wait_for 180 curl -fsS -o /dev/null "http://127.0.0.1:$CT_PORT/models/efficientnet_lite0"; then
+    check "a .pt2 package on a noexec /tmp: 503 with an error naming the mount; the TorchScript twin serves" bash -c \
+      "body=\$(curl -sS 'http://127.0.0.1:$CT_PORT/models/efficientnet_lite0_aoti') && echo \"      \${body:0:300}\" &&
+       grep -q 'mounted noexec' <<<\"\$body\" &&
+       curl -fsS -o /dev/null -F 'file=@$cat_photo' 'http://127.0.0.1:$CT_PORT/predict?model=efficientnet_lite0'"
+  else
+    bad "CPU container with a noexec /tmp and the host repository serves its TorchScript models"
+    docker logs --tail 20 "$ct_name"
+  fi
+  docker rm -f "$ct_name" >/dev/null 2>&1
 fi
 
 # ------------------------------------------------ 8. decode memory budget ---

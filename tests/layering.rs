@@ -181,7 +181,10 @@ fn the_parser_sees_grouped_and_plain_imports() {
 fn the_import_drawing_has_no_circle_and_goes_down_the_floors() {
     let drawing = draw();
     for (from, to) in &drawing.edges {
-        println!("LAYERING: {from} -> {}", to.iter().cloned().collect::<Vec<_>>().join(", "));
+        println!(
+            "LAYERING: {from} -> {}",
+            to.iter().cloned().collect::<Vec<_>>().join(", ")
+        );
     }
     if let Some(circle) = find_circle(&drawing.edges) {
         panic!("an import circle: {}", circle.join(" -> "));

@@ -70,6 +70,20 @@ pub fn package_metadata(path: &Path) -> anyhow::Result<HashMap<String, String>> 
         .collect())
 }
 
+/// Where libtorch's loader unpacks a package (a `mkdtemp` under this fixed path; `TMPDIR` is not
+/// read), and loads its shared library from.
+const UNPACK_DIR: &str = "/tmp";
+
+/// Whether the file system at `dir` forbids executing (and so mapping) its files.
+fn mounted_noexec(dir: &Path) -> bool {
+    let Ok(c) = c_path(dir) else { return false };
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::zeroed();
+    // SAFETY: `c` is a NUL-terminated path and `st` a buffer of the right type.
+    let rc = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    // SAFETY: statvfs filled it when it returned 0.
+    rc == 0 && unsafe { st.assume_init() }.f_flag & libc::ST_NOEXEC != 0
+}
+
 /// A loaded AOTInductor package. Runs on one thread at a time (the worker that owns it).
 pub struct AotiModel {
     loader: *mut c_void,
@@ -88,11 +102,17 @@ impl AotiModel {
         // SAFETY: as above.
         let loader = unsafe { tch_serve_aoti_load(p.as_ptr(), index, &mut err) };
         if loader.is_null() {
-            bail!(
-                "loading AOTInductor package {}: {}",
-                path.display(),
-                take_string(err)
-            );
+            let cause = take_string(err);
+            if mounted_noexec(Path::new(UNPACK_DIR)) {
+                bail!(
+                    "loading AOTInductor package {}: {UNPACK_DIR} is mounted noexec, and libtorch \
+                     unpacks the package's library there and cannot load it from such a mount: \
+                     mount {UNPACK_DIR} with exec (docker run --tmpfs /tmp:exec, compose \
+                     `tmpfs: [/tmp:exec]`) ({cause})",
+                    path.display(),
+                );
+            }
+            bail!("loading AOTInductor package {}: {cause}", path.display());
         }
         Ok(Self { loader })
     }
