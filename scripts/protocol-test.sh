@@ -8,14 +8,14 @@
 #      and .venv-kserve (KServe's SDK, heavy, tests/protocol/requirements-kserve.txt), each made and
 #      filled when missing or when its requirements file changed; NVIDIA's perf_analyzer in
 #      .venv-perf (bench/perf-analyzer.sh);
-#   2. the server: target/release/tch-serve on the model repository models/ (resnet18 and the
-#      pretrained efficientnet_lite0, as `make run` serves it) with --enable-model-control, HTTP
-#      and gRPC on free ports of 127.0.0.1, until /v2/health/ready answers 200;
-#   3. pytest tests/protocol/test_tritonclient.py and test_perf_analyzer.py in the first venv
+#   2. pytest tests/protocol/test_tritonclient.py and test_perf_analyzer.py in the first venv
 #      (tritonclient's inference, model repository, configuration and statistics calls;
 #      perf_analyzer on both doors), test_kserve.py in the second (answers compared with
-#      /predict's for the accuracy photos);
-#   4. the server is stopped (SIGTERM) and must exit 0 within its shutdown timeout.
+#      /predict's for the accuracy photos). In each pytest session a fixture
+#      (tests/protocol/conftest.py) starts target/release/tch-serve on the model repository
+#      models/ with --enable-model-control, HTTP and gRPC on free ports of 127.0.0.1, waits
+#      for /v2/health/ready, and at the end stops it with SIGTERM: an exit status other than 0
+#      within its shutdown timeout fails the session.
 #
 # The last line is "N passed, M failed"; the exit status is non-zero on failure. Logs go to
 # target/protocol-test/. Needs `make build model test-data`; PyPI for the venvs.
@@ -62,53 +62,18 @@ venv .venv-kserve tests/protocol/requirements-kserve.txt || fail_setup "pip inst
 bench/perf-analyzer.sh >"$work/perf-analyzer.log" 2>&1 || { tail -20 "$work/perf-analyzer.log" >&2; fail_setup "bench/perf-analyzer.sh"; }
 echo "venvs ready in $((SECONDS - start)) s"
 
-free_port() {
-    "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-http_port="$(free_port)"
-grpc_port="$(free_port)"
-while [ "$grpc_port" = "$http_port" ]; do grpc_port="$(free_port)"; done
-
-"$BIN" serve --model-repository "$MODELS" --default-model resnet18 --host 127.0.0.1 \
-    --port "$http_port" --grpc-port "$grpc_port" --warmup-iterations 1 --enable-model-control \
-    --shutdown-timeout-secs 10 >"$work/server.log" 2>&1 &
-server=$!
-stop_server() {
-    if kill -0 "$server" 2>/dev/null; then
-        kill -TERM "$server"
-        wait "$server"
-        return $?
-    fi
-    return 0
-}
-trap 'kill "$server" 2>/dev/null' EXIT
-
-ready=false
-for _ in $(seq 1 240); do
-    if ! kill -0 "$server" 2>/dev/null; then
-        tail -20 "$work/server.log" >&2
-        fail_setup "the server exited at start (log: $work/server.log)"
-    fi
-    if "$PYTHON" -c "import urllib.request, sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:$http_port/v2/health/ready', timeout=2).status != 200)" 2>/dev/null; then
-        ready=true
-        break
-    fi
-    sleep 0.5
-done
-$ready || { tail -20 "$work/server.log" >&2; fail_setup "the server was not ready within 120 s"; }
-echo "server ready: HTTP 127.0.0.1:$http_port, gRPC 127.0.0.1:$grpc_port"
-
-export TCH_SERVE_HTTP="127.0.0.1:$http_port" TCH_SERVE_GRPC="127.0.0.1:$grpc_port"
-export TCH_SERVE_PHOTOS="$PHOTOS" TCH_SERVE_MODELS="$MODELS"
+export TCH_SERVE_BIN="$BIN" TCH_SERVE_PHOTOS="$PHOTOS" TCH_SERVE_MODELS="$MODELS"
 export TCH_SERVE_PERF_ANALYZER="$root/.venv-perf/bin/perf_analyzer"
+unset TCH_SERVE_HTTP TCH_SERVE_GRPC
 
-# run_pytest VENV FILE: adds its counts from the JUnit report.
+# run_pytest VENV NAME FILE...: one pytest session (its own server, started and stopped by
+# the fixture in tests/protocol/conftest.py); adds its counts from the JUnit report.
 run_pytest() {
-    local name
-    name="$(basename "$2" .py)"
+    local venv=$1 name=$2
+    shift 2
     echo
-    echo "=== $2 ($1)"
-    "$root/$1/bin/python" -m pytest -q -p no:cacheprovider --junitxml "$work/$name.xml" "$2"
+    echo "=== $* ($venv)"
+    "$root/$venv/bin/python" -m pytest -q -p no:cacheprovider --junitxml "$work/$name.xml" "$@"
     local rc=$?
     local counts
     counts="$("$PYTHON" - "$work/$name.xml" <<'EOF'
@@ -122,7 +87,7 @@ suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
 t = sum(int(s.get("tests", 0)) for s in suites)
 bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
 skipped = sum(int(s.get("skipped", 0)) for s in suites)
-# A skipped test is a failure here: every test needs the server this script started.
+# A skipped test is a failure here: every test needs what this script set up.
 print(t - bad - skipped, bad + skipped if t else 1)
 EOF
 )"
@@ -131,19 +96,10 @@ EOF
     passed=$((passed + p))
     failed=$((failed + f))
 }
-run_pytest .venv-tritonclient tests/protocol/test_tritonclient.py
-run_pytest .venv-tritonclient tests/protocol/test_perf_analyzer.py
-run_pytest .venv-kserve tests/protocol/test_kserve.py
+run_pytest .venv-tritonclient tritonclient tests/protocol/test_tritonclient.py tests/protocol/test_perf_analyzer.py
+run_pytest .venv-kserve kserve tests/protocol/test_kserve.py
 
 echo
-if stop_server; then
-    echo "PASS  the server stopped cleanly on SIGTERM"
-    passed=$((passed + 1))
-else
-    echo "FAIL  the server's exit status after SIGTERM was not 0 (log: $work/server.log)"
-    failed=$((failed + 1))
-fi
-trap - EXIT
 echo "took $((SECONDS - start)) s"
 echo "$passed passed, $failed failed"
 [ "$failed" -eq 0 ]

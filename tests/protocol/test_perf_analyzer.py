@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PRETRAINED, env
+from conftest import PRETRAINED, ROOT, env
 
 
 @pytest.fixture(scope="module")
 def perf_analyzer():
-    binary = Path(env("TCH_SERVE_PERF_ANALYZER"))
+    binary = Path(env("TCH_SERVE_PERF_ANALYZER", ROOT / ".venv-perf/bin/perf_analyzer"))
     assert binary.is_file(), f"{binary} is missing: run bench/perf-analyzer.sh"
     venv = binary.parent.parent
     libs = glob.glob(str(venv / "lib/python3*/site-packages/nvidia/cuda_runtime/lib"))
