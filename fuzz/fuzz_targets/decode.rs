@@ -12,7 +12,7 @@
 //! Each input is run with both EXIF settings (`apply`, the server's default, and `ignore`), so
 //! that the seed images stay valid images. The invariants, checked after every input:
 //!
-//! - no panic in the server's own code (src/preprocess.rs, src/metadata.rs), even one that
+//! - no panic in the server's own code (src/preprocess/, src/metadata.rs), even one that
 //!   `Preprocessor::run` would catch; a panic inside a decoder (a dependency: the png crate
 //!   has one on a palette whose length is not a multiple of 3, see RELIABILITY.md) must be
 //!   caught by `probe` and `run` and answered with `Undecodable`, as the server does;

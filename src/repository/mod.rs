@@ -19,16 +19,21 @@
 //! Each model's state is written only by the holder of its slot's operation lock (a load, an
 //! unload, the end of an unload), and the disk is read outside every lock: a scan runs on the
 //! blocking pool before the slots are looked at, so a slow volume delays the poll, not
-//! `/health`.
+//! `/health`. What is on disk is read by [`discovery`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use crate::config::{ModelOverrides, ModelSettings, ModelSource, ServeConfig, VersionPolicy};
+mod discovery;
+
+pub use discovery::valid_model_name;
+use discovery::{Fingerprint, Found, read_overrides, scan};
+
+use crate::config::{ModelSettings, ModelSource, ServeConfig};
 use crate::metadata::{ModelFormat, ModelMetadata};
 use crate::model::ModelSpec;
 use crate::pipeline::{Pipeline, Shared, WorkerState};
@@ -161,19 +166,6 @@ pub struct ModelView {
     pub warmup_ms: Option<f64>,
 }
 
-/// A model found on disk: its versions and their folders, the version to serve, and that
-/// version's files as they were when the disk was read.
-#[derive(Debug, Clone)]
-struct Found {
-    folder: PathBuf,
-    versions: BTreeMap<u64, PathBuf>,
-    /// Pinned (`--model-version`, the model's `config.json`) or the highest served.
-    chosen: u64,
-    files: Fingerprint,
-    /// The other versions its `version_policy` serves, with their files.
-    others: BTreeMap<u64, Fingerprint>,
-}
-
 /// One model's slot: the pipeline being served and what is known of its versions.
 struct Slot {
     serving: RwLock<Option<Arc<Pipeline>>>,
@@ -218,8 +210,6 @@ pub fn retry_delay(attempts: u32) -> Duration {
     let doublings = attempts.saturating_sub(1).min(5);
     (Duration::from_secs(30) * (1 << doublings)).min(Duration::from_secs(15 * 60))
 }
-
-type Fingerprint = Vec<(PathBuf, u64, Option<SystemTime>)>;
 
 impl Slot {
     /// The model's state, and why when it is not ready.
@@ -903,75 +893,6 @@ fn version_status(version: u64, state: &'static str, reason: Option<String>) -> 
     }
 }
 
-fn read_overrides(path: &Path) -> Result<ModelOverrides, String> {
-    match std::fs::read_to_string(path) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display())),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ModelOverrides::default()),
-        Err(e) => Err(format!("{}: {e}", path.display())),
-    }
-}
-
-/// Names a model folder may have: they become URL path segments and metric labels.
-pub fn valid_model_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && !name.starts_with('.')
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
-}
-
-/// The models of a repository folder: each subfolder holding `metadata.json` (version 1) or
-/// numbered folders holding one. Other entries are skipped.
-fn discover_repository(root: &Path) -> Result<BTreeMap<String, Found>, String> {
-    let entries = std::fs::read_dir(root)
-        .map_err(|e| format!("reading the model repository {}: {e}", root.display()))?;
-    let mut found = BTreeMap::new();
-    for entry in entries.flatten() {
-        let folder = entry.path();
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
-            continue;
-        };
-        if !folder.is_dir() || name.starts_with('.') || name == "__pycache__" {
-            continue;
-        }
-        let mut versions = BTreeMap::new();
-        if let Ok(inner) = std::fs::read_dir(&folder) {
-            for v in inner.flatten() {
-                let number = v.file_name().to_str().and_then(|s| s.parse::<u64>().ok());
-                if let Some(n) = number
-                    && n > 0
-                    && v.path().join("metadata.json").is_file()
-                {
-                    versions.insert(n, v.path());
-                }
-            }
-        }
-        if versions.is_empty() && folder.join("metadata.json").is_file() {
-            versions.insert(1, folder.clone());
-        }
-        if versions.is_empty() {
-            tracing::debug!(folder = %folder.display(), "not a model folder: skipped");
-            continue;
-        }
-        if !valid_model_name(&name) {
-            tracing::warn!(folder = %folder.display(), "a model folder's name must be letters, digits, '_', '-' or '.', at most 64 long: skipped");
-            continue;
-        }
-        found.insert(
-            name,
-            Found {
-                folder,
-                versions,
-                chosen: 0,
-                files: Vec::new(),
-                others: BTreeMap::new(),
-            },
-        );
-    }
-    Ok(found)
-}
-
 /// Whether the poller should (re)load a model it has a slot for: wanted, not loading, and its
 /// chosen version failed with other files or is due for a retry, or is not the one served, or
 /// has changed in place. Reads nothing but what the scan found.
@@ -997,86 +918,9 @@ fn others_changed(slot: &Slot, model: &Found) -> bool {
     s.wanted && s.loading.is_none() && s.others_files != model.others
 }
 
-/// The models of the source, each with its chosen version and that version's files.
-fn scan(
-    source: &ModelSource,
-    pins: &HashMap<String, u64>,
-) -> Result<BTreeMap<String, Found>, String> {
-    let mut found = match source {
-        ModelSource::Single(dir) => {
-            let meta = ModelMetadata::load(dir).map_err(|e| format!("{e:#}"))?;
-            BTreeMap::from([(
-                meta.name,
-                Found {
-                    folder: dir.clone(),
-                    versions: BTreeMap::from([(1, dir.clone())]),
-                    chosen: 1,
-                    files: Vec::new(),
-                    others: BTreeMap::new(),
-                },
-            )])
-        }
-        ModelSource::Repository(root) => discover_repository(root)?,
-    };
-    for (name, model) in found.iter_mut() {
-        let held: Vec<u64> = model.versions.keys().copied().collect();
-        let overrides = read_overrides(&model.folder.join("config.json")).unwrap_or_default();
-        let served = VersionPolicy::select(overrides.version_policy.as_ref(), &held);
-        let highest = served
-            .last()
-            .or(held.last())
-            .copied()
-            .expect("a model has a version");
-        let pinned = pins.get(name).copied().or(overrides.version);
-        model.chosen = pinned.unwrap_or(highest);
-        model.files = model
-            .versions
-            .get(&model.chosen)
-            .map(|dir| files_of(&model.folder, dir))
-            .unwrap_or_default();
-        model.others = served
-            .iter()
-            .filter(|&&v| v != model.chosen)
-            .filter_map(|v| Some((*v, files_of(&model.folder, model.versions.get(v)?))))
-            .collect();
-    }
-    Ok(found)
-}
-
-/// The files a version is made of, with their lengths and modification times: those of its
-/// folder, the model's `config.json` above a version folder, and the model file wherever
-/// `metadata.json` puts it.
-fn files_of(folder: &Path, dir: &Path) -> Fingerprint {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .flatten()
-                .map(|e| e.path())
-                .filter(|p| p.is_file())
-                .collect()
-        })
-        .unwrap_or_default();
-    if dir != folder {
-        files.push(folder.join("config.json"));
-    }
-    if let Ok(meta) = ModelMetadata::load(dir) {
-        files.push(meta.model_path(dir));
-    }
-    files.sort();
-    files.dedup();
-    files
-        .into_iter()
-        .map(|f| {
-            let m = std::fs::metadata(&f).ok();
-            let len = m.as_ref().map_or(0, |m| m.len());
-            let mtime = m.and_then(|m| m.modified().ok());
-            (f, len, mtime)
-        })
-        .collect()
-}
-
 #[cfg(test)]
 mod tests {
+    use super::discovery::discover_repository;
     use super::*;
 
     fn write_model(dir: &Path) {

@@ -1,5 +1,17 @@
 //! Command line and environment configuration: every flag has an environment variable of the
-//! same meaning (`--max-batch-size` / `TCH_SERVE_MAX_BATCH_SIZE`).
+//! same meaning (`--max-batch-size` / `TCH_SERVE_MAX_BATCH_SIZE`), and the checks across flags.
+//! What is derived from them lives below: one model's settings, the command line's overridden
+//! by its `config.json` ([`model`]), and what this machine offers (CPUs, CPU features, the
+//! thread split, the device asked for: [`machine`]).
+
+mod machine;
+mod model;
+
+pub use machine::{
+    DeviceRequest, available_cpus, cpu_features, cpu_flags, native_bf16, parse_device,
+    split_threads,
+};
+pub use model::{ModelOverrides, ModelSettings, VersionPolicy};
 
 use std::net::IpAddr;
 use std::path::PathBuf;
@@ -416,141 +428,6 @@ impl ServeConfig {
     }
 }
 
-/// The serving settings of one model: the command line's, then its `config.json`'s.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct ModelSettings {
-    pub device: String,
-    pub precision: Precision,
-    /// bf16 may run emulated on a CPU without native bf16 (`--allow-emulated-bf16`).
-    pub allow_emulated_bf16: bool,
-    pub memory_format: MemoryFormat,
-    pub max_batch_size: usize,
-    pub max_batch_delay_ms: u64,
-    pub queue_capacity: usize,
-    /// libtorch threads of this model's forward passes (its share of the CPU budget).
-    pub intra_op_threads: usize,
-    pub warmup_iterations: usize,
-    /// The version to serve instead of the highest.
-    pub version: Option<u64>,
-}
-
-/// A model's `config.json`: any of the serving settings, each overriding the command line's for
-/// that model. Unknown keys are an error, so a misspelt one is not silently ignored.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ModelOverrides {
-    pub device: Option<String>,
-    pub precision: Option<Precision>,
-    pub memory_format: Option<MemoryFormat>,
-    pub max_batch_size: Option<usize>,
-    pub max_batch_delay_ms: Option<u64>,
-    pub queue_capacity: Option<usize>,
-    pub intra_op_threads: Option<usize>,
-    pub warmup_iterations: Option<usize>,
-    pub version: Option<u64>,
-    /// Which versions are served at once (in the model's folder's `config.json`).
-    pub version_policy: Option<VersionPolicy>,
-}
-
-/// Which versions of a model are served at once, in Triton's terms (a model's `config.json`):
-/// `{"latest": {"num_versions": N}}` (the default, with N = 1), `{"all": {}}`, or
-/// `{"specific": {"versions": [1, 3]}}`. Requests without a version go to the pinned version
-/// (`version`, `--model-version`) or else the highest one served; the others answer at
-/// `/v2/models/{name}/versions/{v}/...`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase", deny_unknown_fields)]
-pub enum VersionPolicy {
-    Latest { num_versions: u32 },
-    All {},
-    Specific { versions: Vec<u64> },
-}
-
-impl VersionPolicy {
-    /// The versions served, of those the repository holds (ascending).
-    pub fn select(policy: Option<&Self>, held: &[u64]) -> Vec<u64> {
-        match policy {
-            None => held.last().copied().into_iter().collect(),
-            Some(Self::Latest { num_versions }) => {
-                let n = (*num_versions).max(1) as usize;
-                held[held.len().saturating_sub(n)..].to_vec()
-            }
-            Some(Self::All {}) => held.to_vec(),
-            Some(Self::Specific { versions }) => held
-                .iter()
-                .copied()
-                .filter(|v| versions.contains(v))
-                .collect(),
-        }
-    }
-}
-
-impl ModelSettings {
-    pub fn with(mut self, o: &ModelOverrides) -> Self {
-        if let Some(v) = &o.device {
-            self.device = v.clone();
-        }
-        macro_rules! take {
-            ($($f:ident),*) => { $( if let Some(v) = o.$f { self.$f = v; } )* };
-        }
-        take!(
-            precision,
-            memory_format,
-            max_batch_size,
-            max_batch_delay_ms,
-            queue_capacity,
-            intra_op_threads,
-            warmup_iterations
-        );
-        if o.version.is_some() {
-            self.version = o.version;
-        }
-        self
-    }
-
-    pub fn max_batch_delay(&self) -> Duration {
-        Duration::from_millis(self.max_batch_delay_ms)
-    }
-
-    /// Checks that the settings fit together; `name` spells a setting as the message should
-    /// (a flag for the command line, a key for `config.json`).
-    pub fn validate(
-        &self,
-        max_images_per_request: usize,
-        timeout_ms: u64,
-        name: impl Fn(&str) -> String,
-    ) -> Result<(), String> {
-        if self.max_batch_size == 0 || self.max_batch_size > 1024 {
-            return Err(format!(
-                "{} must be between 1 and 1024",
-                name("max_batch_size")
-            ));
-        }
-        if self.queue_capacity < max_images_per_request {
-            return Err(format!(
-                "{} ({}) must be at least {} ({}), or no request of that size could ever be admitted",
-                name("queue_capacity"),
-                self.queue_capacity,
-                name("max_images_per_request"),
-                max_images_per_request
-            ));
-        }
-        if self.max_batch_delay_ms >= timeout_ms {
-            return Err(format!(
-                "{} ({}) must be below {} ({})",
-                name("max_batch_delay_ms"),
-                self.max_batch_delay_ms,
-                name("request_timeout_ms"),
-                timeout_ms
-            ));
-        }
-        if self.intra_op_threads == 0 {
-            return Err(format!("{} must be at least 1", name("intra_op_threads")));
-        }
-        parse_device(&self.device).map_err(|e| e.replace("--device", &name("device")))?;
-        Ok(())
-    }
-}
-
 fn parse_pin(s: &str) -> Result<(String, u64), String> {
     let (name, version) = s
         .split_once('=')
@@ -563,95 +440,6 @@ fn parse_pin(s: &str) -> Result<(String, u64), String> {
         return Err(format!("{s:?} is not NAME=VERSION"));
     }
     Ok((name.trim().to_owned(), version))
-}
-
-/// The device the user asked for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum DeviceRequest {
-    Auto,
-    Cpu,
-    Cuda(usize),
-}
-
-pub fn parse_device(s: &str) -> Result<DeviceRequest, String> {
-    match s.trim().to_ascii_lowercase().as_str() {
-        "auto" => Ok(DeviceRequest::Auto),
-        "cpu" => Ok(DeviceRequest::Cpu),
-        "cuda" | "gpu" => Ok(DeviceRequest::Cuda(0)),
-        other => match other.strip_prefix("cuda:").map(str::parse::<usize>) {
-            Some(Ok(n)) => Ok(DeviceRequest::Cuda(n)),
-            _ => Err(format!(
-                "--device {s:?} is not one of auto, cpu, cuda, cuda:N"
-            )),
-        },
-    }
-}
-
-/// CPUs this process may use: the affinity mask and the cgroup CPU quota both count
-/// (`std::thread::available_parallelism` reads both on Linux).
-pub fn available_cpus() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-}
-
-/// The CPU features that decide which precisions run fast here, from /proc/cpuinfo (x86-64
-/// Linux): `avx2`, `avx512f`, `avx512_bf16`, `amx_bf16`, `amx_int8`, `avx512_vnni`,
-/// `avx_vnni`. Empty where the file is not there. Read once: the flags do not change while the
-/// process runs, and `/health` reports them on every probe.
-pub fn cpu_features() -> &'static [&'static str] {
-    static FEATURES: std::sync::OnceLock<Vec<&'static str>> = std::sync::OnceLock::new();
-    FEATURES.get_or_init(read_cpu_features)
-}
-
-/// Every flag of /proc/cpuinfo's first `flags` line; `None` where the file is not there.
-pub fn cpu_flags() -> Option<&'static [String]> {
-    static FLAGS: std::sync::OnceLock<Option<Vec<String>>> = std::sync::OnceLock::new();
-    FLAGS
-        .get_or_init(|| {
-            let text = std::fs::read_to_string("/proc/cpuinfo").ok()?;
-            let line = text.lines().find(|l| l.starts_with("flags"))?;
-            Some(line.split_whitespace().skip(2).map(str::to_owned).collect())
-        })
-        .as_deref()
-}
-
-fn read_cpu_features() -> Vec<&'static str> {
-    const FEATURES: [&str; 7] = [
-        "avx2",
-        "avx512f",
-        "avx512_vnni",
-        "avx_vnni",
-        "avx512_bf16",
-        "amx_bf16",
-        "amx_int8",
-    ];
-    let flags = cpu_flags().unwrap_or_default();
-    FEATURES
-        .into_iter()
-        .filter(|f| flags.iter().any(|g| g == f))
-        .collect()
-}
-
-/// Whether this CPU computes bf16 natively (AVX512-BF16 or AMX-BF16), from [`cpu_features`].
-/// Elsewhere libtorch emulates bf16 in fp32 arithmetic: ResNet-18 runs at about a tenth of its
-/// fp32 speed on an AVX2-only Zen 3, against 1.7x fp32 on a Zen 4 with AVX512-BF16.
-pub fn native_bf16(features: &[&str]) -> bool {
-    features
-        .iter()
-        .any(|f| matches!(*f, "avx512_bf16" | "amx_bf16"))
-}
-
-/// Default thread split. Decoding and resizing are short compared with a forward pass, so the
-/// model gets every core and the preprocessing pool as many threads as there are cores: the two
-/// rarely run flat out at the same moment. Measured on 2 cores (BENCHMARKS.md): one decoding
-/// thread loses about 6% of saturated throughput, one intra-op thread about 35%, and making
-/// decoding wait while a forward pass runs gained nothing and raised p99. Explicit values win.
-pub fn split_threads(cpus: usize, preprocess: usize, intra_op: usize) -> (usize, usize) {
-    let cpus = cpus.max(1);
-    let pre = if preprocess > 0 { preprocess } else { cpus };
-    let intra = if intra_op > 0 { intra_op } else { cpus };
-    (pre, intra)
 }
 
 #[cfg(test)]

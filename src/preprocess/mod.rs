@@ -6,14 +6,19 @@
 //!
 //! Pure functions with no I/O and no libtorch: the output is a plain `Vec<u8>` in HWC order
 //! (the natural order of decoded pixels), which the model turns into NCHW or channels-last.
+//! This room owns the [`Preprocessor`] the server calls (its settings, the header probe and the
+//! memory a decode takes, the choice between a scaled and a full decode); [`decode`] turns
+//! bytes into RGB pixels, [`resize`] turns those into the model's crop.
 
-use std::io::Cursor;
+mod decode;
+mod resize;
 
-use fast_image_resize::images::{Image, ImageRef};
-use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
-use image::{DynamicImage, ImageDecoder, ImageFormat, ImageReader, Limits};
+use image::{DynamicImage, ImageDecoder, ImageFormat, Limits};
 
 use crate::metadata::ModelMetadata;
+pub use decode::{SUPPORTED_FORMATS, decode_oriented, decode_rgb, jpeg_is_complete, sniff_format};
+use decode::{decode_jpeg_scaled, format_name, probe, reader, scalable, scaled_decode_bytes};
+pub use resize::{MAX_ASPECT_RATIO, center_crop_offset, resize_crop, resized_size};
 
 /// Why an image could not be turned into the model's input. Each is the client's doing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,11 +45,6 @@ pub enum PreprocessError {
     )]
     AspectRatio { width: u32, height: u32, max: u32 },
 }
-
-/// The longest side may be at most this many times the shortest: beyond, resizing the short
-/// side to the model's size makes a strip that the center crop sees almost nothing of (and the
-/// sizes overflow long before the ratios of real photos, which stay under 15:1).
-pub const MAX_ASPECT_RATIO: u32 = 100;
 
 /// Whether the EXIF orientation tag of a photo is applied before resizing.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
@@ -74,103 +74,6 @@ pub enum JpegScaledDecode {
 /// measurement: BENCHMARKS.md, "Scaled JPEG decoding"; at 2 the top-1 answers of the pretrained
 /// model agree with the full decode's but for near ties).
 pub const SCALED_DECODE_MARGIN: f64 = 2.0;
-
-/// The formats the server decodes; anything else is refused with 415.
-pub const SUPPORTED_FORMATS: [ImageFormat; 5] = [
-    ImageFormat::Jpeg,
-    ImageFormat::Png,
-    ImageFormat::WebP,
-    ImageFormat::Bmp,
-    ImageFormat::Gif,
-];
-
-/// Progressive scans libjpeg-turbo reads before it gives up on a JPEG: a crafted progressive
-/// JPEG with thousands of tiny scans would otherwise cost seconds of CPU (real photos have at
-/// most a few dozen). Such a JPEG then takes the full decode, as every JPEG does with `off`.
-const MAX_PROGRESSIVE_SCANS: u32 = 500;
-
-/// A JPEG decoded by libjpeg-turbo at the smallest DCT scale of 1/8, 1/4 and 1/2 that keeps its
-/// short side at least `min_short`, as RGB (grayscale expanded). `None` when that cannot be
-/// done (no such scale, CMYK or lossless JPEG, a header that disagrees with `probe`, or any
-/// error or warning from libjpeg-turbo): the full decode then decides, and reports what is
-/// wrong the same way for every path.
-fn decode_jpeg_scaled(bytes: &[u8], probe: &Probe, min_short: u32) -> Option<image::RgbImage> {
-    use turbojpeg::{Decompressor, Image, PixelFormat};
-    let mut d = Decompressor::new().ok()?;
-    let header = d.read_header(bytes).ok()?;
-    if !scalable(&header, probe) {
-        return None;
-    }
-    let factor = scaling_for(header.width.min(header.height), min_short)?;
-    d.set_scaling_factor(factor).ok()?;
-    d.set_scan_limit(MAX_PROGRESSIVE_SCANS).ok()?;
-    let scaled = header.scaled(factor);
-    let mut pixels = vec![0u8; 3 * scaled.width * scaled.height];
-    let out = Image {
-        pixels: &mut pixels[..],
-        width: scaled.width,
-        pitch: 3 * scaled.width,
-        height: scaled.height,
-        format: PixelFormat::RGB,
-    };
-    d.decompress(bytes, out).ok()?;
-    image::RgbImage::from_raw(
-        u32::try_from(scaled.width).ok()?,
-        u32::try_from(scaled.height).ok()?,
-        pixels,
-    )
-}
-
-/// The smallest DCT scale of 1/8, 1/4 and 1/2 that keeps a short side of `short` at least
-/// `min_short`.
-fn scaling_for(short: usize, min_short: u32) -> Option<turbojpeg::ScalingFactor> {
-    use turbojpeg::ScalingFactor;
-    [
-        ScalingFactor::ONE_EIGHTH,
-        ScalingFactor::ONE_QUARTER,
-        ScalingFactor::ONE_HALF,
-    ]
-    .into_iter()
-    .find(|f| f.scale(short) >= min_short as usize)
-}
-
-/// Whether libjpeg-turbo decodes this JPEG to RGB at a reduced scale: the header agrees with
-/// the probe, and it is a YCbCr, grayscale or RGB JPEG that is not lossless.
-fn scalable(header: &turbojpeg::DecompressHeader, probe: &Probe) -> bool {
-    use turbojpeg::Colorspace;
-    (header.width, header.height) == (probe.width as usize, probe.height as usize)
-        && !header.is_lossless
-        && matches!(
-            header.colorspace,
-            Colorspace::YCbCr | Colorspace::Gray | Colorspace::RGB
-        )
-}
-
-/// An upper bound of the memory a scaled decode takes: libjpeg-turbo's RGB output at the
-/// scale, the copy an orientation needs, slack for the resize's intermediate rows, and for a
-/// progressive JPEG the coefficients of the whole image (two bytes each, at full resolution,
-/// whatever the scale).
-fn scaled_decode_bytes(header: &turbojpeg::DecompressHeader, min_short: u32) -> Option<u64> {
-    use turbojpeg::Subsamp;
-    let factor = scaling_for(header.width.min(header.height), min_short)?;
-    let scaled = header.scaled(factor);
-    let (w, h) = (header.width as u64, header.height as u64);
-    let out = 3 * scaled.width as u64 * scaled.height as u64;
-    let coefficients = if header.is_progressive {
-        // Bytes per full-resolution pixel: 2 per coefficient, times the components' share of
-        // the pixels (luma 1, each chroma plane 1 / its subsampling).
-        let per_pixel = match header.subsamp {
-            Subsamp::Gray => 2,
-            Subsamp::Sub2x2 | Subsamp::Sub4x1 => 3,
-            Subsamp::Sub2x1 | Subsamp::Sub1x2 => 4,
-            _ => 6,
-        };
-        per_pixel * w * h
-    } else {
-        0
-    };
-    Some(2 * out + out / 2 + coefficients + 64 * w.max(h))
-}
 
 /// Geometry of a model's input, and the limits on what is decoded.
 #[derive(Debug, Clone)]
@@ -389,37 +292,7 @@ impl Preprocessor {
         width: u32,
         height: u32,
     ) -> Result<Vec<u8>, PreprocessError> {
-        let crop = self.crop_size;
-        check_aspect(width, height)?;
-        let (new_w, new_h) =
-            resized_size(width, height, self.resize_size).ok_or(PreprocessError::AspectRatio {
-                width,
-                height,
-                max: MAX_ASPECT_RATIO,
-            })?;
-        let left = center_crop_offset(new_w, crop);
-        let top = center_crop_offset(new_h, crop);
-        // Resizing only the window that the center crop keeps gives the same pixels as resizing
-        // the whole image and cropping afterwards: each output pixel maps to the same source
-        // position with the same filter scale, and the filter is clipped at the image's edges,
-        // not the window's.
-        let sx = width as f64 / new_w as f64;
-        let sy = height as f64 / new_h as f64;
-        let src = ImageRef::new(width, height, rgb, PixelType::U8x3)
-            .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
-        let mut dst = Image::new(crop, crop, PixelType::U8x3);
-        let options = ResizeOptions::new()
-            .resize_alg(ResizeAlg::Convolution(FilterType::Bilinear))
-            .crop(
-                left as f64 * sx,
-                top as f64 * sy,
-                crop as f64 * sx,
-                crop as f64 * sy,
-            );
-        Resizer::new()
-            .resize(&src, &mut dst, &options)
-            .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
-        Ok(dst.into_vec())
+        resize::resize_crop(rgb, width, height, self.resize_size, self.crop_size)
     }
 }
 
@@ -433,229 +306,13 @@ pub fn normalize(pixels: &[u8], mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
         .collect()
 }
 
-fn check_aspect(width: u32, height: u32) -> Result<(), PreprocessError> {
-    let (short, long) = (width.min(height), width.max(height));
-    if u64::from(long) > u64::from(short) * u64::from(MAX_ASPECT_RATIO) {
-        return Err(PreprocessError::AspectRatio {
-            width,
-            height,
-            max: MAX_ASPECT_RATIO,
-        });
-    }
-    Ok(())
-}
-
-/// The header's facts and limits: format (from the magic bytes), dimensions (not zero, within
-/// the pixel limit and the aspect ratio), and the memory decoding takes.
-fn probe(bytes: &[u8], max_pixels: u64) -> Result<Probe, PreprocessError> {
-    if bytes.is_empty() {
-        return Err(PreprocessError::Empty);
-    }
-    let format = sniff_format(bytes)?;
-    let decoder = reader(bytes, format, Limits::default())
-        .into_decoder()
-        .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
-    let (width, height) = decoder.dimensions();
-    if width == 0 || height == 0 {
-        return Err(PreprocessError::Undecodable("image has no pixels".into()));
-    }
-    let pixels = u64::from(width) * u64::from(height);
-    if pixels > max_pixels {
-        return Err(PreprocessError::TooLarge {
-            width,
-            height,
-            limit: max_pixels,
-        });
-    }
-    check_aspect(width, height)?;
-    let decoded = decoder.total_bytes();
-    Ok(Probe {
-        format,
-        width,
-        height,
-        decode_bytes: decoded + 2 * pixels * 3,
-        scaled_decode_bytes: None,
-    })
-}
-
-/// Sniffs the format from the magic bytes, checks the declared dimensions against `max_pixels`
-/// before any pixel is decoded, then decodes (the first frame of a GIF) and converts to RGB8
-/// (grayscale is replicated, alpha dropped, 16-bit scaled), as PIL's `convert("RGB")` does.
-/// The EXIF orientation is not applied (see [`decode_oriented`]).
-pub fn decode_rgb(
-    bytes: &[u8],
-    max_pixels: u64,
-) -> Result<(image::RgbImage, &'static str), PreprocessError> {
-    decode_oriented(bytes, max_pixels, ExifOrientation::Ignore)
-}
-
-/// [`decode_rgb`], turning the photo upright by its EXIF orientation when asked to.
-pub fn decode_oriented(
-    bytes: &[u8],
-    max_pixels: u64,
-    exif: ExifOrientation,
-) -> Result<(image::RgbImage, &'static str), PreprocessError> {
-    let Probe {
-        format,
-        width,
-        height,
-        ..
-    } = probe(bytes, max_pixels)?;
-    if format == ImageFormat::Jpeg && !jpeg_is_complete(bytes) {
-        // The JPEG decoder fills a truncated scan with grey; PIL refuses such files, and so do we.
-        return Err(PreprocessError::Undecodable(
-            "truncated JPEG: the data ends before the end-of-image marker".into(),
-        ));
-    }
-    // The decoder's own allocation cap: the RGBA16 worst case of the declared size, plus slack.
-    let mut limits = Limits::default();
-    limits.max_image_width = Some(width);
-    limits.max_image_height = Some(height);
-    limits.max_alloc = Some(u64::from(width) * u64::from(height) * 8 + (16 << 20));
-    let mut decoder = reader(bytes, format, limits)
-        .into_decoder()
-        .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
-    let orientation = match exif {
-        ExifOrientation::Apply => decoder.orientation().ok(),
-        ExifOrientation::Ignore => None,
-    };
-    let mut decoded = DynamicImage::from_decoder(decoder)
-        .map_err(|e| PreprocessError::Undecodable(e.to_string()))?;
-    if let Some(o) = orientation {
-        decoded.apply_orientation(o);
-    }
-    let rgb = match decoded {
-        DynamicImage::ImageRgb8(rgb) => rgb,
-        other => other.to_rgb8(),
-    };
-    Ok((rgb, format_name(format)))
-}
-
-/// A JPEG is complete when its segments, walked from the start, reach an end-of-image marker
-/// (FF D9). Whatever follows it is ignored, as decoders and PIL do: Android and Pixel "motion
-/// photos" append a video there. Inside entropy-coded data every FF byte is followed by 00 (a
-/// stuffed byte) or a restart marker, so the walk skips scans by looking for the next marker.
-pub fn jpeg_is_complete(bytes: &[u8]) -> bool {
-    if !bytes.starts_with(&[0xFF, 0xD8]) {
-        return false;
-    }
-    let mut i = 2;
-    loop {
-        // A marker: FF, any number of FF fill bytes, then its code.
-        if bytes.get(i) != Some(&0xFF) {
-            return false;
-        }
-        while bytes.get(i) == Some(&0xFF) {
-            i += 1;
-        }
-        let Some(&code) = bytes.get(i) else {
-            return false;
-        };
-        i += 1;
-        match code {
-            0xD9 => return true,
-            // Markers without a length: restarts, TEM, a stray SOI.
-            0xD0..=0xD8 | 0x01 => continue,
-            _ => {}
-        }
-        let Some(len) = bytes
-            .get(i..i + 2)
-            .map(|b| usize::from(u16::from_be_bytes([b[0], b[1]])))
-        else {
-            return false;
-        };
-        if len < 2 {
-            return false;
-        }
-        i += len;
-        if code == 0xDA {
-            // Entropy-coded data up to the next marker that is neither stuffing nor a restart.
-            loop {
-                let Some(p) = bytes
-                    .get(i..)
-                    .and_then(|rest| rest.iter().position(|&b| b == 0xFF))
-                else {
-                    return false;
-                };
-                i += p;
-                match bytes.get(i + 1) {
-                    None => return false,
-                    Some(0x00) | Some(0xD0..=0xD7) => i += 2,
-                    Some(0xFF) => i += 1,
-                    Some(_) => break,
-                }
-            }
-        }
-    }
-}
-
-fn reader(bytes: &[u8], format: ImageFormat, limits: Limits) -> ImageReader<Cursor<&[u8]>> {
-    let mut r = ImageReader::with_format(Cursor::new(bytes), format);
-    r.limits(limits);
-    r
-}
-
-/// The image format named by the content's magic bytes (never by a client's Content-Type).
-pub fn sniff_format(bytes: &[u8]) -> Result<ImageFormat, PreprocessError> {
-    match image::guess_format(bytes) {
-        Ok(f) if SUPPORTED_FORMATS.contains(&f) => Ok(f),
-        Ok(f) => Err(PreprocessError::UnsupportedFormat(format!(
-            "{} images are not supported; send JPEG, PNG, WebP, BMP or GIF",
-            f.extensions_str().first().unwrap_or(&"this kind of")
-        ))),
-        Err(_) => Err(PreprocessError::UnsupportedFormat(
-            "not a recognised image (JPEG, PNG, WebP, BMP or GIF)".into(),
-        )),
-    }
-}
-
-fn format_name(f: ImageFormat) -> &'static str {
-    match f {
-        ImageFormat::Jpeg => "jpeg",
-        ImageFormat::Png => "png",
-        ImageFormat::WebP => "webp",
-        ImageFormat::Bmp => "bmp",
-        ImageFormat::Gif => "gif",
-        _ => "other",
-    }
-}
-
-/// torchvision's `Resize(size)` with one int: the shorter side becomes `size`, the longer one
-/// keeps the aspect ratio, truncated (`int(size * long / short)`). `None` when the longer side
-/// would not fit in 32 bits (or a side is zero).
-pub fn resized_size(width: u32, height: u32, size: u32) -> Option<(u32, u32)> {
-    let (short, long) = if width <= height {
-        (width, height)
-    } else {
-        (height, width)
-    };
-    if short == 0 {
-        return None;
-    }
-    let new_long = u32::try_from(u64::from(size) * u64::from(long) / u64::from(short)).ok()?;
-    Some(if width <= height {
-        (size, new_long)
-    } else {
-        (new_long, size)
-    })
-}
-
-/// torchvision's `CenterCrop` offset: `int(round((len - crop) / 2.0))`, Python's round
-/// halves to even.
-pub fn center_crop_offset(len: u32, crop: u32) -> u32 {
-    let d = len.saturating_sub(crop);
-    let half = d / 2;
-    if d % 2 == 1 && half % 2 == 1 {
-        half + 1
-    } else {
-        half
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use fast_image_resize::images::{Image, ImageRef};
+    use fast_image_resize::{FilterType, PixelType, ResizeAlg, ResizeOptions, Resizer};
     use image::{ImageBuffer, Rgb, Rgba};
+    use std::io::Cursor;
 
     const MEAN: [f32; 3] = [0.485, 0.456, 0.406];
     const STD: [f32; 3] = [0.229, 0.224, 0.225];
