@@ -14,6 +14,7 @@ precision, largest batch and torch version it was compiled for).
     python models/export.py --arch efficientnet_lite0 --out models/efficientnet_lite0
     python models/export.py --arch efficientnet_lite0 --quantize int8 --out models/efficientnet_lite0_int8
     python models/export.py --arch efficientnet_lite0 --format aoti --out models/efficientnet_lite0_aoti
+    python models/export.py --arch efficientnet_lite0 --format aoti --quantize int8 --out models/efficientnet_lite0_aoti_int8
     python models/export.py --arch resnet50 --format aoti --device cuda --precision fp16 --out models/resnet50_cuda
 
 An AOTInductor package is machine code for one device kind and one torch
@@ -36,7 +37,9 @@ to the untrained network, loudly, when they cannot.
 --quantize int8 quantizes the network after training (static, x86/fbgemm
 kernels, calibrated on photos shipped with scikit-image and scikit-learn). The
 result runs on CPU in fp32 in and out, with packed int8 weights: it cannot be
-cast to bf16/fp16 or moved to CUDA, and its metadata says so.
+cast to bf16/fp16 or moved to CUDA, and its metadata says so. With --format aoti
+it is PT2E quantization (torchao's X86InductorQuantizer, the same photos),
+compiled into oneDNN's int8 kernels (AMX or AVX512-VNNI where the CPU has them).
 """
 from __future__ import annotations
 
@@ -385,6 +388,38 @@ def quantize_fx(model: nn.Module, calib: torch.Tensor, crop: int) -> tuple[nn.Mo
     }
 
 
+def quantize_pt2e(model: nn.Module, calib: torch.Tensor, crop: int, max_batch: int) -> tuple[nn.Module, dict]:
+    """PT2E post-training quantization for an AOTInductor package (torchao's
+    X86InductorQuantizer): export, annotate, observe the calibration photos, convert. The
+    graph's quantize/dequantize pairs around each convolution and linear layer become oneDNN
+    int8 kernels when inductor compiles it (AMX or AVX512-VNNI where the CPU has them).
+
+    The export is strict (TorchDynamo): the quantizer finds the convolutions by the module each
+    node came from, which only a strict export records (a non-strict one leaves every node
+    unannotated, and the package would stay fp32). A convolution followed by ReLU6 is annotated
+    as one pattern, its output observed after the clamp (the [0, 6] range)."""
+    import torchao
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+    from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
+
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    example = (torch.randn(2, 3, crop, crop),)
+    graph = torch.export.export(model.eval(), example, dynamic_shapes=({0: batch},), strict=True).module()
+    quantizer = xiq.X86InductorQuantizer().set_global(xiq.get_default_x86_inductor_quantization_config())
+    prepared = prepare_pt2e(graph, quantizer)
+    _calibrate(prepared, calib)
+    quantized = convert_pt2e(prepared)
+    ops = [str(n.target) for n in quantized.graph.nodes if n.op == "call_function"]
+    quantize_ops = sum("quantize_per_tensor" in op for op in ops)
+    if quantize_ops == 0:
+        raise SystemExit("the quantizer annotated no node of the exported graph: it would stay fp32")
+    return quantized, {
+        "method": f"PT2E (torchao {torchao.__version__}, X86InductorQuantizer), strict torch.export; "
+                  f"{quantize_ops} activation quantization points",
+        "float_layers": [],
+    }
+
+
 # ----------------------------------------------------------------------------- checks
 
 _FRESH_PROCESS_CHECK = r"""
@@ -454,21 +489,24 @@ with torch.no_grad():
 
 
 def export_aoti(model: nn.Module, crop: int, device: str, precision: str, max_batch: int,
-                out_path: str) -> dict:
+                out_path: str, quantized: bool = False) -> dict:
     """torch.export with a dynamic batch dimension, compiled and packaged by AOTInductor, then
     loaded in a fresh interpreter and checked against the eager model at batch 1, 3 and the
-    largest batch."""
+    largest batch. A quantized model (quantize_pt2e's graph) compiles into oneDNN's int8
+    convolutions."""
     import torch._inductor.config as inductor_config
 
-    # Constant weights folded into the graph, and on CPU prepacked for oneDNN.
+    # Constant weights folded into the graph, and on CPU prepacked for oneDNN (for an int8
+    # graph this is also what turns its quantize/dequantize pairs into int8 kernels).
     inductor_config.freezing = True
-    model = model.to(device).eval()
+    if not quantized:
+        model = model.to(device).eval()
     if precision != "fp32":
         model = _InPrecision(model, _DTYPES[precision])
     example = torch.randn(2, 3, crop, crop, device=device)
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     with torch.no_grad():
-        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},), strict=quantized)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             torch._inductor.aoti_compile_and_package(program, package_path=out_path)
@@ -476,7 +514,9 @@ def export_aoti(model: nn.Module, crop: int, device: str, precision: str, max_ba
     inputs = [torch.randn(b, 3, crop, crop) for b in sorted({1, min(3, max_batch), max_batch})]
     with torch.no_grad():
         outputs = [model(x.to(device)) for x in inputs]
-    tolerance = 1e-4 if precision == "fp32" else 5e-2
+    # int8: inductor's fused int8 kernels against the graph's reference quantize/dequantize ops
+    # (rounding at each requantization may differ by a level).
+    tolerance = 1e-4 if precision == "fp32" and not quantized else 5e-2
     with tempfile.TemporaryDirectory() as tmp:
         ref = os.path.join(tmp, "expected.pt")
         torch.save({"inputs": inputs, "outputs": outputs}, ref)
@@ -540,9 +580,9 @@ def main(argv: list[str] | None = None) -> int:
     if not aoti and (args.device != "cpu" or args.precision != "fp32" or args.max_batch != 64):
         p.error("--device, --precision and --max-batch are for --format aoti (a TorchScript model "
                 "is moved and cast by the server at load time)")
-    if aoti and args.quantize != "none":
-        p.error("--quantize int8 makes a TorchScript model (fbgemm/oneDNN quantized kernels); "
-                "it cannot be combined with --format aoti")
+    if aoti and args.quantize != "none" and (args.device != "cpu" or args.precision != "fp32"):
+        p.error("--format aoti --quantize int8 is for --device cpu and --precision fp32 (int8 "
+                "kernels of oneDNN with fp32 input and output)")
     if aoti and args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device is visible; a CUDA package is compiled on a machine with a GPU")
     if aoti and args.precision == "fp16" and args.device == "cpu":
@@ -557,7 +597,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     int8 = args.quantize == "int8"
-    eager_quantizable = (int8 and args.arch != EFFICIENTNET_LITE0
+    eager_quantizable = (int8 and not aoti and args.arch != EFFICIENTNET_LITE0
                          and hasattr(torchvision.models.quantization, args.arch))
     if args.arch == EFFICIENTNET_LITE0:
         built = build_efficientnet_lite0(args.weights)
@@ -575,7 +615,10 @@ def main(argv: list[str] | None = None) -> int:
         # Fold batch norm into the preceding convolutions (what torch.jit.freeze would do) while
         # keeping the weights as parameters, so the server can cast them to bf16/fp16 at load time.
         model = fuse_conv_bn(model)
-        if int8:
+        if int8 and aoti:
+            calib, calib_info = calibration_batch(built, args.seed)
+            model, quantization = quantize_pt2e(model, calib, built.crop, args.max_batch)
+        elif int8:
             torch.backends.quantized.engine = QUANT_ENGINE
             calib, calib_info = calibration_batch(built, args.seed)
             with warnings.catch_warnings():
@@ -585,8 +628,8 @@ def main(argv: list[str] | None = None) -> int:
         quantization = {
             "dtype": "int8",
             "scheme": "post-training static: int8 per-channel symmetric weights, uint8 per-tensor "
-                      "activations (7-bit range), fp32 input and output",
-            "engine": QUANT_ENGINE,
+                      + ("activations, fp32 input and output" if aoti else "activations (7-bit range), fp32 input and output"),
+            "engine": "oneDNN (AOTInductor)" if aoti else QUANT_ENGINE,
             **quantization,
             "calibration": calib_info,
         }
@@ -597,13 +640,14 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.NamedTemporaryFile(dir=args.out, delete=False, suffix=".pt2") as tmp:
             tmp_path = tmp.name
         try:
-            package = export_aoti(model, crop, args.device, args.precision, args.max_batch, tmp_path)
+            package = export_aoti(model, crop, args.device, args.precision, args.max_batch, tmp_path,
+                                  quantized=int8)
             os.chmod(tmp_path, 0o644)
             os.replace(tmp_path, model_path)
         finally:
             if os.path.exists(tmp_path):
                 os.unlink(tmp_path)
-        return write_metadata(args, built, model_path, "aoti", None, package)
+        return write_metadata(args, built, model_path, "aoti", quantization, package)
 
     example = torch.randn(1, 3, crop, crop)
     with torch.inference_mode(False), torch.no_grad():

@@ -1,5 +1,5 @@
 //! End to end through HTTP on the ImageNet-pretrained model of the repository the Makefile
-//! serves (`models/`), as TorchScript and as an AOTInductor package: real photos whose subject is an ImageNet class (tests/data/accuracy.json
+//! serves (`models/`), as TorchScript and as AOTInductor packages (fp32, int8): real photos whose subject is an ImageNet class (tests/data/accuracy.json
 //! says which classes are right for each, and why) get a right class in their top 5, and most
 //! in their top 1; PNG, grayscale and JPEG files of them and a multi-image request agree.
 
@@ -53,8 +53,12 @@ async fn pretrained_model_names_what_is_in_real_photos() {
     )
     .unwrap();
     server.wait_ready().await.unwrap();
-    // The same network as TorchScript and as an AOTInductor package.
-    for model in ["efficientnet_lite0", "efficientnet_lite0_aoti"] {
+    // The same network as TorchScript, as an AOTInductor package, and as an int8 one.
+    for model in [
+        "efficientnet_lite0",
+        "efficientnet_lite0_aoti",
+        "efficientnet_lite0_aoti_int8",
+    ] {
         names_what_is_in_real_photos(&server, model).await;
     }
     // The untrained default model answers /predict, and says it is untrained.

@@ -2,8 +2,9 @@
 //! both as TorchScript (`models/efficientnet_lite0`) and as a package
 //! (`models/efficientnet_lite0_aoti`, `models/export.py --format aoti`), against each other and
 //! against torchvision in Python (tests/python/reference.py); every batch size its dynamic batch
-//! dimension takes; packages that cannot run here refused at load with the reason; and a broken
-//! new version of a served package leaving the old one serving.
+//! dimension takes; the int8 package (`--format aoti --quantize int8`) against the fp32 one;
+//! packages that cannot run here refused at load with the reason; and a broken new version of a
+//! served package leaving the old one serving.
 
 mod common;
 
@@ -24,6 +25,10 @@ fn models() -> PathBuf {
 
 fn package_dir() -> PathBuf {
     models().join("efficientnet_lite0_aoti")
+}
+
+fn int8_package_dir() -> PathBuf {
+    models().join("efficientnet_lite0_aoti_int8")
 }
 
 fn load(dir: &Path) -> (TorchClassifier, ModelMetadata) {
@@ -141,12 +146,77 @@ fn the_package_agrees_with_torchscript_and_torchvision_on_real_photos() {
     assert!(worst_python < 0.1, "{worst_python}");
 }
 
+/// The int8 package (PT2E quantization, compiled into int8 kernels) against the fp32 package of
+/// the same network: really quantized (its metadata says int8 and its probabilities are not the
+/// fp32 ones); on the photos whose subject is an ImageNet class (the accuracy set, every
+/// variant) its top-1 class is among fp32's top 3 on every one, and the same as fp32's wherever
+/// fp32 gives its top class at least 0.5. The top-1 agreement on those photos and on the whole
+/// photo set (textures and microscopy included, where the top class has a few percent) is
+/// reported; near ties (tabby against tiger cat) are where the two part.
+#[test]
+fn the_int8_package_agrees_with_the_fp32_package_on_real_photos() {
+    let (mut int8, meta) = load(&int8_package_dir());
+    assert_eq!(meta.format, ModelFormat::Aoti);
+    assert_eq!(meta.quantized.as_deref(), Some("int8"));
+    let (mut fp32, _) = load(&package_dir());
+    let photos = photos(&meta);
+    let (mut same, mut subjects, mut same_subjects) = (0, 0, 0);
+    let (mut confident, mut same_confident) = (0, 0);
+    let mut worst = 0f32;
+    for (file, pixels, _) in &photos {
+        let q = int8.forward(pixels, 1).unwrap();
+        let f = fp32.forward(pixels, 1).unwrap();
+        let (top_q, top_f) = (argmax(&q), argmax(&f));
+        let agree = top_q == top_f;
+        worst = worst.max(largest_difference(&q, &f));
+        same += usize::from(agree);
+        println!(
+            "{file:32} int8 top-1 {top_q} {:.3}, fp32 {top_f} {:.3}",
+            q[top_q], f[top_f]
+        );
+        if !file.starts_with("accuracy/") {
+            continue;
+        }
+        subjects += 1;
+        same_subjects += usize::from(agree);
+        let rank = f.iter().filter(|&&p| p > f[top_q]).count();
+        assert!(
+            rank < 3,
+            "{file}: int8's top class {top_q} is number {} of fp32's",
+            rank + 1
+        );
+        if f[top_f] >= 0.5 {
+            confident += 1;
+            same_confident += usize::from(agree);
+        }
+    }
+    let n = photos.len();
+    println!(
+        "PARITY: efficientnet_lite0 int8 .pt2 against fp32 .pt2: top-1 agrees on {same_subjects}/{subjects} \
+         photos of ImageNet subjects ({same_confident}/{confident} where fp32 gives p >= 0.5), {same}/{n} of \
+         all photos (largest probability difference {worst:.3})"
+    );
+    assert!(
+        subjects >= 15,
+        "expected the accuracy set's photos, got {subjects}"
+    );
+    assert!(confident >= 5, "{confident}");
+    assert_eq!(same_confident, confident);
+    // Quantized, not fp32 under another name: int8 rounding moves the probabilities.
+    assert!(worst > 1e-3, "{worst}");
+}
+
 /// Every batch size from 1 to the package's largest runs through the dynamic batch dimension
 /// and gives each image its own answer; one more is refused with an error, and the package
-/// still answers afterwards.
+/// still answers afterwards. For the fp32 package and the int8 one.
 #[test]
 fn every_batch_size_up_to_the_largest_runs_and_one_more_is_refused() {
-    let (mut package, meta) = load(&package_dir());
+    batches_up_to_the_largest(&package_dir());
+    batches_up_to_the_largest(&int8_package_dir());
+}
+
+fn batches_up_to_the_largest(dir: &Path) {
+    let (mut package, meta) = load(dir);
     let max = meta.max_batch.expect("the export records max_batch") as usize;
     assert!(max >= 8, "{max}");
     let images: Vec<Vec<u8>> = photos(&meta).into_iter().take(5).map(|p| p.1).collect();
@@ -172,7 +242,8 @@ fn every_batch_size_up_to_the_largest_runs_and_one_more_is_refused() {
         }
     }
     println!(
-        "BATCHES: 1..={max} through the dynamic dimension, largest difference from alone {worst:.2e}"
+        "BATCHES: {}: 1..={max} through the dynamic dimension, largest difference from alone {worst:.2e}",
+        meta.name
     );
     let batch: Vec<u8> = (0..=max)
         .flat_map(|i| images[i % images.len()].clone())
