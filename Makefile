@@ -86,10 +86,13 @@ $(CARGO_SBOM):
 ## then the Open Inference Protocol with tritonclient and KServe's SDK.
 test: test-rust test-k8s test-containers test-reliability test-protocol
 
+# In the release profile: the binary the tests run (and the crates they compile) are the ones
+# `make build` ships, so the build after the tests compiles nothing again.
 test-rust: setup
 	cargo fmt --check
+	$(PY) scripts/check-features.py
 	TCH_SERVE_TEST_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) TCH_SERVE_TEST_DATA=$(CURDIR)/$(TEST_DATA) \
-		$(CARGO) test --profile test-opt --locked -- --nocapture 2>&1 | tee target/test-rust.log; \
+		$(CARGO) test --release --locked -- --nocapture 2>&1 | tee target/test-rust.log; \
 		exit $${PIPESTATUS[0]}
 	@grep -h -E '^(PARITY|STARTUP|ACCURACY|SKIP):' target/test-rust.log || true
 
@@ -129,6 +132,7 @@ target/phone-photos/manifest.json: bench/phone_photos.py | $(VENV)/.installed
 
 lint: venv build-tools
 	cargo fmt --check
+	$(PY) scripts/check-features.py
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
 
 clean:
