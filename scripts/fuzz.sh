@@ -5,7 +5,7 @@
 #   FUZZ_SECONDS=600 scripts/fuzz.sh
 #
 # The target is fuzz/fuzz_targets/decode.rs (see its header for the invariants), in the
-# standalone crate fuzz/ that compiles the server's src/preprocess.rs without libtorch. The
+# standalone crate fuzz/ that compiles the server's src/preprocess/ without libtorch. The
 # script installs cargo-fuzz into target/tools when it is missing (from crates.io, pinned),
 # builds the target without a sanitizer (`-s none`, which works on stable Rust), and runs it
 # over fuzz/corpus/decode (the corpus kept in the repository, grown by the run) and

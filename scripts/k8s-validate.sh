@@ -657,7 +657,7 @@ if [ -f "$KSERVE_VENV/.requirements" ]; then
             FAIL) bad "kserve: $msg" ;;
             *) printf '      %s\n' "$verdict $msg" ;;
         esac
-    done < <("$KSERVE_VENV/bin/python" scripts/k8s/kserve-validate.py deploy/kserve src/config.rs 2>&1 ||
+    done < <("$KSERVE_VENV/bin/python" scripts/k8s/kserve-validate.py deploy/kserve src/config/mod.rs 2>&1 ||
         echo "FAIL	scripts/k8s/kserve-validate.py crashed")
 else
     bad "kserve: the kserve SDK did not install (see $work/kserve-pip.log)"

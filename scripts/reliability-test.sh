@@ -28,7 +28,7 @@
 #                (scripts/reliability/reload.py).
 #   g. fuzz      cargo fuzz (libFuzzer) on the image decode path for FUZZ_SECONDS (60):
 #                scripts/fuzz.sh, which installs cargo-fuzz into target/tools when missing,
-#                builds fuzz/ (src/preprocess.rs without libtorch) and fails on a crash, leaving
+#                builds fuzz/ (src/preprocess/ without libtorch) and fails on a crash, leaving
 #                the input in fuzz/artifacts/decode/. Runs after the others; needs no server.
 #
 # Phases a-f are done by scripts/reliability/reliability.py (Python standard library only);

@@ -16,7 +16,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-/// The room a file belongs to: `src/api/predict.rs` -> `api`, `src/config.rs` -> `config`.
+/// The room a file belongs to: `src/api/predict.rs` -> `api`, `src/auth.rs` -> `auth`.
 fn room(src: &Path, file: &Path) -> String {
     let rel = file.strip_prefix(src).expect("under src/");
     let first = rel.components().next().expect("a component");

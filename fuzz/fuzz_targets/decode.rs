@@ -23,7 +23,7 @@
 //!   only, `TooLarge` over the limit only, and so on);
 //! - an image decodes with both EXIF settings or with neither;
 //! - memory: the header's estimate fits in the smallest decode budget the server accepts for
-//!   this pixel limit (14 bytes a pixel, src/config.rs); no single allocation is larger than
+//!   this pixel limit (14 bytes a pixel, src/config/mod.rs); no single allocation is larger than
 //!   that budget; and the memory live at once while decoding stays under the header's estimate
 //!   plus a fixed allowance for the decoders' tables, the resizer and the crop. The counting
 //!   allocator below does this without a sanitizer (libFuzzer's -malloc_limit_mb needs one).

@@ -1,6 +1,6 @@
 """Checks deploy/kserve against KServe's own API types, strictly, and against the server.
 
-    python scripts/k8s/kserve-validate.py deploy/kserve src/config.rs
+    python scripts/k8s/kserve-validate.py deploy/kserve src/config/mod.rs
 
 Run with the kserve SDK installed (the `kserve` PyPI package, whose generated model classes carry
 every field of KServe's CRDs with its type, and which brings the `kubernetes` client's models for
@@ -12,7 +12,7 @@ the pod parts). For each document:
      (the models' own client-side validation, by building each object);
   2. consistency with the server and between the files: a runtime speaks v2 and serves the REST
      port its probes and ports name, with probes on /v2/health/ready and /v2/health/live; its
-     args name the flags the server has (from src/config.rs) and a model
+     args name the flags the server has (from src/config/mod.rs) and a model
      source (/mnt/models, where KServe's storage initializer puts the model); every
      InferenceService names a runtime defined here with a model format that runtime supports,
      and one without a storageUri points the server at a folder inside the image.
@@ -118,7 +118,7 @@ def validate(doc):
 
 
 def flags(config_rs):
-    """The server's flags, from its clap configuration (src/config.rs): every field under an
+    """The server's flags, from its clap configuration (src/config/mod.rs): every field under an
     `#[arg(long ...)]` attribute, named after the field or its explicit `long = "..."`."""
     found, pending = set(), None
     for line in Path(config_rs).read_text().splitlines():
@@ -160,7 +160,7 @@ def main(folder, config_rs):
         out("v2" in spec.get("protocolVersions", []) and c.get("name") == "kserve-container",
             f"{name}: protocolVersions has v2; the container is kserve-container (KServe merges the predictor into it)")
         out(used <= known and args[:1] == ["serve"] and "--model-dir" in used,
-            f"{name}: args {args} are the server's flags (src/config.rs), serving --model-dir")
+            f"{name}: args {args} are the server's flags (src/config/mod.rs), serving --model-dir")
         out(any(a == "--model-dir=/mnt/models" for a in args),
             f"{name}: serves /mnt/models, where KServe's storage initializer puts the model")
         out(port is not None and [p.get("containerPort") for p in c.get("ports", [])] == [port]
