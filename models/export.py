@@ -410,7 +410,7 @@ def quantize_pt2e(model: nn.Module, calib: torch.Tensor, crop: int, max_batch: i
     _calibrate(prepared, calib)
     quantized = convert_pt2e(prepared)
     ops = [str(n.target) for n in quantized.graph.nodes if n.op == "call_function"]
-    quantize_ops = sum("quantize_per_tensor" in op for op in ops)
+    quantize_ops = sum("quantize_per_tensor" in op and "dequantize" not in op for op in ops)
     if quantize_ops == 0:
         raise SystemExit("the quantizer annotated no node of the exported graph: it would stay fp32")
     return quantized, {
