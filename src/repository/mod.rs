@@ -738,15 +738,19 @@ impl Repository {
         }
     }
 
-    /// `Ok` when every model that should be loaded is served and ready; otherwise what is not.
-    pub fn readiness(&self) -> Result<(), Vec<Problem>> {
-        let slots: Vec<(String, Arc<Slot>)> = self
-            .slots
+    /// The slots by name, copied out so that no lock on the map is held while each is looked at.
+    fn snapshot(&self) -> Vec<(String, Arc<Slot>)> {
+        self.slots
             .read()
             .unwrap()
             .iter()
             .map(|(n, s)| (n.clone(), s.clone()))
-            .collect();
+            .collect()
+    }
+
+    /// `Ok` when every model that should be loaded is served and ready; otherwise what is not.
+    pub fn readiness(&self) -> Result<(), Vec<Problem>> {
+        let slots = self.snapshot();
         if slots.is_empty() {
             return Err(vec![Problem {
                 model: String::new(),
@@ -795,13 +799,7 @@ impl Repository {
     }
 
     pub fn views(&self) -> Vec<ModelView> {
-        let slots: Vec<(String, Arc<Slot>)> = self
-            .slots
-            .read()
-            .unwrap()
-            .iter()
-            .map(|(n, s)| (n.clone(), s.clone()))
-            .collect();
+        let slots = self.snapshot();
         slots.iter().map(|(n, s)| self.view_of(n, s)).collect()
     }
 
