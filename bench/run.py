@@ -759,6 +759,19 @@ def part_int8(ctx: dict, results: dict) -> None:
     results["int8"] = out
 
 
+def pt2_package(arch: str, tag: str, flags: list[str], out: dict, key: str) -> str:
+    """target/models/ARCH_aoti_TAG, exported by models/export.py --format aoti FLAGS when missing
+    (its compile time recorded in out["compile_s"][key])."""
+    d = os.path.join(ROOT, "target", "models", f"{arch}_aoti_{tag}")
+    if not os.path.exists(os.path.join(d, "model.pt2")):
+        log(f"exporting the {arch} {tag} AOTInductor package to {d}")
+        t0 = time.monotonic()
+        subprocess.run([sys.executable, os.path.join(ROOT, "models", "export.py"), "--arch", arch,
+                        "--format", "aoti", *flags, "--out", d, "--force"], check=True, stdout=subprocess.DEVNULL)
+        out.setdefault("compile_s", {})[key] = time.monotonic() - t0
+    return d
+
+
 def part_pt2(ctx: dict, results: dict) -> None:
     """The model as an AOTInductor package (models/export.py --format aoti, exported into target/
     when missing) against TorchScript, in fp32 and (where the CPU has native bf16) bf16: raw
@@ -768,14 +781,7 @@ def part_pt2(ctx: dict, results: dict) -> None:
     out: dict = {"raw": {}, "rows": [], "dirs": {}}
     batches = [1, 2, 4, 8, 16]
     for precision in ctx["precisions"]:
-        pt2_dir = os.path.join(ROOT, "target", "models", f"{os.path.basename(md)}_aoti_{precision}")
-        if not os.path.exists(os.path.join(pt2_dir, "model.pt2")):
-            log(f"exporting the {precision} AOTInductor package to {pt2_dir}")
-            t0 = time.monotonic()
-            subprocess.run([sys.executable, os.path.join(ROOT, "models", "export.py"), "--arch", os.path.basename(md),
-                            "--format", "aoti", "--precision", precision, "--out", pt2_dir, "--force"],
-                           check=True, stdout=subprocess.DEVNULL)
-            out.setdefault("compile_s", {})[precision] = time.monotonic() - t0
+        pt2_dir = pt2_package(os.path.basename(md), precision, ["--precision", precision], out, key=precision)
         out["dirs"][precision] = pt2_dir
         for fmt, d in (("torchscript", md), ("pt2", pt2_dir)):
             # A package computes in the precision it was compiled for; --precision is TorchScript's cast.
@@ -788,13 +794,7 @@ def part_pt2(ctx: dict, results: dict) -> None:
     int8_runs = [(os.path.basename(md), batches), ("resnet50", [1, 16, 32])]
     for arch, arch_batches in int8_runs:
         for precision, flags in (("fp32", []), ("int8", ["--quantize", "int8"])):
-            d = os.path.join(ROOT, "target", "models", f"{arch}_aoti_{precision}")
-            if not os.path.exists(os.path.join(d, "model.pt2")):
-                log(f"exporting the {arch} {precision} AOTInductor package to {d}")
-                t0 = time.monotonic()
-                subprocess.run([sys.executable, os.path.join(ROOT, "models", "export.py"), "--arch", arch,
-                                "--format", "aoti", *flags, "--out", d, "--force"], check=True, stdout=subprocess.DEVNULL)
-                out.setdefault("compile_s", {})[f"{arch} {precision}"] = time.monotonic() - t0
+            d = pt2_package(arch, precision, flags, out, key=f"{arch} {precision}")
             out["dirs"][f"{arch} {precision}"] = d
             if arch != os.path.basename(md) or precision == "int8":
                 rows = raw_forward(d, "fp32", arch_batches, ctx["forward_seconds"])
