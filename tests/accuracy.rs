@@ -172,12 +172,42 @@ async fn names_what_is_in_real_photos(server: &Server, model: &str) {
     assert_eq!(resp.status(), 200, "{body}");
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), photos.len());
+    // An int8 model's answer may move by a requantization step with the batch's shape when its
+    // kernels split their work across threads (tests/aoti.rs says how far): its tolerance.
+    let meta: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            model_dir()
+                .parent()
+                .unwrap()
+                .join(model)
+                .join("metadata.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let tolerance = if meta["quantized"].is_string() {
+        2e-2
+    } else {
+        1e-3
+    };
     for (p, r) in photos.iter().zip(results) {
         assert_eq!(r["filename"], p.name.as_str());
         let batched = ranking(r);
         let alone = &answers[&("png", p.name.clone())];
-        assert_eq!(batched[0].0, alone[0].0, "{}: in a batch and alone", p.name);
-        assert!((batched[0].1 - alone[0].1).abs() < 1e-3, "{}", p.name);
+        assert!(
+            batched[0].0 == alone[0].0 || (alone[0].1 - alone[1].1).abs() < tolerance,
+            "{}: in a batch {:?} and alone {:?}",
+            p.name,
+            batched[0],
+            alone[0]
+        );
+        assert!(
+            (batched[0].1 - alone[0].1).abs() < tolerance,
+            "{}: in a batch {:?} and alone {:?} (tolerance {tolerance})",
+            p.name,
+            batched[0],
+            alone[0]
+        );
         let jpeg = &answers[&("jpeg", p.name.clone())];
         assert!(
             jpeg[0].0 == alone[0].0 || (alone[0].1 - alone[1].1).abs() < 0.05,

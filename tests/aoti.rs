@@ -209,22 +209,55 @@ fn the_int8_package_agrees_with_the_fp32_package_on_real_photos() {
 /// Every batch size from 1 to the package's largest runs through the dynamic batch dimension
 /// and gives each image its own answer; one more is refused with an error, and the package
 /// still answers afterwards. For the fp32 package and the int8 one.
+///
+/// "Its own answer": within 1e-4 of the image alone for fp32. An int8 package is held to
+/// [`INT8_BATCH_TOLERANCE`]: with more than one intra-op thread the compiled kernels split some
+/// of their work by the batch's shape, and the float rounding that moves with the split can
+/// push a value across a requantization step, which moves a probability by up to about 1e-2
+/// (7.1e-3 over batches of 1 to 64 on an Intel CPU with AMX, two threads; with one thread the
+/// answers are identical at every batch size). Distinct photos differ by far more than that,
+/// which the test also checks, so a batch that mixed images up still fails.
 #[test]
 fn every_batch_size_up_to_the_largest_runs_and_one_more_is_refused() {
     batches_up_to_the_largest(&package_dir());
     batches_up_to_the_largest(&int8_package_dir());
 }
 
+/// How far an int8 package's answer in a batch may be from its answer alone (see above).
+const INT8_BATCH_TOLERANCE: f32 = 2e-2;
+
 fn batches_up_to_the_largest(dir: &Path) {
     let (mut package, meta) = load(dir);
+    let tolerance = if meta.quantized.is_some() {
+        INT8_BATCH_TOLERANCE
+    } else {
+        1e-4
+    };
     let max = meta.max_batch.expect("the export records max_batch") as usize;
     assert!(max >= 8, "{max}");
-    let images: Vec<Vec<u8>> = photos(&meta).into_iter().take(5).map(|p| p.1).collect();
+    // Five different photos (the reference set holds each as PNG and as JPEG: one of each).
+    let images: Vec<Vec<u8>> = photos(&meta)
+        .into_iter()
+        .filter(|p| p.0.ends_with(".png"))
+        .take(5)
+        .map(|p| p.1)
+        .collect();
+    assert_eq!(images.len(), 5);
     let alone: Vec<Vec<f32>> = images
         .iter()
         .map(|x| package.forward(x, 1).unwrap())
         .collect();
     let classes = package.num_classes();
+    // The photos' answers are far apart: a batch that gave an image another's answer would be
+    // caught by the tolerance.
+    let apart = (0..alone.len())
+        .flat_map(|i| (i + 1..alone.len()).map(move |j| (i, j)))
+        .map(|(i, j)| largest_difference(&alone[i], &alone[j]))
+        .fold(f32::INFINITY, f32::min);
+    assert!(
+        apart > 5.0 * tolerance,
+        "two photos' answers differ by only {apart}"
+    );
     let mut worst = 0f32;
     for n in 1..=max {
         let batch: Vec<u8> = (0..n)
@@ -238,11 +271,15 @@ fn batches_up_to_the_largest(dir: &Path) {
                 &alone[i % images.len()],
             );
             worst = worst.max(d);
-            assert!(d < 1e-4, "batch {n}, image {i}: differs from alone by {d}");
+            assert!(
+                d < tolerance,
+                "batch {n}, image {i}: differs from alone by {d} (tolerance {tolerance})"
+            );
         }
     }
     println!(
-        "BATCHES: {}: 1..={max} through the dynamic dimension, largest difference from alone {worst:.2e}",
+        "BATCHES: {}: 1..={max} through the dynamic dimension, largest difference from alone {worst:.2e} \
+         (tolerance {tolerance:.0e}; two photos differ by at least {apart:.2})",
         meta.name
     );
     let batch: Vec<u8> = (0..=max)
