@@ -56,6 +56,29 @@ async fn client(addr: std::net::SocketAddr) -> GrpcInferenceServiceClient<Channe
         .max_decoding_message_size(64 << 20)
 }
 
+async fn health_client(addr: std::net::SocketAddr) -> HealthClient<Channel> {
+    HealthClient::new(
+        Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap(),
+    )
+}
+
+/// The fake model, its forward passes held by a gate until the test opens it.
+fn gated_backend() -> (Gate, FakeBackend) {
+    let gate = Gate::default();
+    let backend = FakeBackend::with(
+        "fake",
+        Behaviour {
+            gate: Some(gate.clone()),
+            ..Default::default()
+        },
+    );
+    (gate, backend)
+}
+
 fn length_prefixed(elements: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::new();
     for e in elements {
@@ -165,13 +188,7 @@ async fn health_metadata_and_readiness() {
             .into_inner();
         assert!(!r.ready, "{name} {version}");
     }
-    let mut health = HealthClient::new(
-        Channel::from_shared(format!("http://{}", s.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut health = health_client(s.grpc).await;
     for service in ["", "inference.GRPCInferenceService"] {
         let r = health
             .check(HealthCheckRequest {
@@ -374,14 +391,7 @@ async fn errors_are_grpc_statuses_and_do_no_harm() {
 
 #[tokio::test]
 async fn overload_deadline_metrics_and_shutdown() {
-    let gate = Gate::default();
-    let backend = FakeBackend::with(
-        "fake",
-        Behaviour {
-            gate: Some(gate.clone()),
-            ..Default::default()
-        },
-    );
+    let (gate, backend) = gated_backend();
     let s = start(
         &[
             "--queue-capacity",
@@ -459,13 +469,7 @@ async fn overload_deadline_metrics_and_shutdown() {
 
     // Shutdown: during the delay the server still answers, and health says NOT_SERVING (so
     // Kubernetes' gRPC probe takes the pod out); then the port closes and serve returns.
-    let mut health = HealthClient::new(
-        Channel::from_shared(format!("http://{}", s.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut health = health_client(s.grpc).await;
     s.stop.cancel();
     let mut status = None;
     for _ in 0..100 {
@@ -532,13 +536,7 @@ async fn api_key_gates_every_method_but_the_probes() {
             .into_inner()
             .ready
     );
-    let mut health = HealthClient::new(
-        Channel::from_shared(format!("http://{}", running.grpc))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap(),
-    );
+    let mut health = health_client(running.grpc).await;
     let h = health
         .check(HealthCheckRequest {
             service: String::new(),
@@ -611,14 +609,7 @@ async fn api_key_gates_every_method_but_the_probes() {
 /// DEADLINE_EXCEEDED then, and its image leaves the queue: it is skipped, never computed.
 #[tokio::test]
 async fn a_call_past_its_deadline_leaves_the_queue() {
-    let gate = Gate::default();
-    let backend = FakeBackend::with(
-        "fake",
-        Behaviour {
-            gate: Some(gate.clone()),
-            ..Default::default()
-        },
-    );
+    let (gate, backend) = gated_backend();
     let s = start(
         &["--max-batch-size", "1", "--warmup-iterations", "0"],
         backend,
