@@ -1,17 +1,15 @@
 // Load for tch-serve's gRPC port: inference.GRPCInferenceService/ModelInfer with the JPEG as a
 // BYTES element in raw_input_contents (as tritonclient[grpc] sends it), one photo per request.
-//   MODE=closed  VUS=N     N clients, each sending its next request when the last returns
-//   MODE=open    RATE=R    R requests/s arriving at a constant rate
-// Common: ADDR (host:port), MODEL, DURATION, PHOTOS (comma-separated paths), PROTO_DIR (proto/).
+// MODE, VUS, RATE, DURATION: the scenario (bench/k6-common.js: closed, open, until-stopped).
+// Common: ADDR (host:port), MODEL, PHOTOS (comma-separated paths), PROTO_DIR (proto/).
 // Reported as counters grpc_ok, grpc_refused (RESOURCE_EXHAUSTED, the 503 of gRPC), grpc_total,
 // and grpc_req_duration by status (0 OK, 8 RESOURCE_EXHAUSTED).
 import grpc from 'k6/net/grpc';
 import encoding from 'k6/encoding';
 import { Counter } from 'k6/metrics';
+import { reported, scenario, summaryTrendStats } from './k6-common.js';
 
 const photos = __ENV.PHOTOS.split(',').map((p) => open(p, 'b'));
-const mode = __ENV.MODE || 'closed';
-const duration = __ENV.DURATION || '15s';
 
 const client = new grpc.Client();
 client.load([__ENV.PROTO_DIR], 'grpc_predict_v2.proto');
@@ -29,28 +27,16 @@ const raws = photos.map((p) => {
   return encoding.b64encode(out.buffer);
 });
 
-const scenario = mode === 'open'
-  ? {
-      executor: 'constant-arrival-rate',
-      rate: Number(__ENV.RATE),
-      timeUnit: '1s',
-      duration,
-      preAllocatedVUs: Math.max(8, Math.ceil(Number(__ENV.RATE) * 2)),
-      maxVUs: Math.max(16, Math.ceil(Number(__ENV.RATE) * 4)),
-    }
-  : { executor: 'constant-vus', vus: Number(__ENV.VUS || 1), duration };
-
 export const options = {
-  scenarios: { load: scenario },
-  summaryTrendStats: ['avg', 'min', 'med', 'p(90)', 'p(95)', 'p(99)', 'max'],
-  thresholds: {
-    // Declared so that k6 reports these sub-metrics in the summary; they never fail the run.
-    'grpc_req_duration{status:0}': ['max>=0'],
-    'grpc_req_duration{status:8}': ['max>=0'],
-    grpc_ok: ['count>=0'],
-    grpc_refused: ['count>=0'],
-    grpc_total: ['count>=0'],
-  },
+  scenarios: { load: scenario(__ENV) },
+  summaryTrendStats,
+  thresholds: reported([
+    'grpc_req_duration{status:0}',
+    'grpc_req_duration{status:8}',
+    'grpc_ok',
+    'grpc_refused',
+    'grpc_total',
+  ]),
 };
 
 const ok = new Counter('grpc_ok');
