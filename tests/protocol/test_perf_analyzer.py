@@ -41,7 +41,7 @@ def test_perf_analyzer_drives_each_door(door, perf_analyzer, http_url, grpc_url,
     report = tmp_path / "report.csv"
     cmd = [str(binary), "-m", PRETRAINED, "-i", door, "-u", http_url if door == "http" else grpc_url,
            "--input-data", str(data), "--concurrency-range", "2", "--measurement-interval", "2000",
-           "--stability-percentage", "50", "--max-trials", "3", "-f", str(report)]
+           "--stability-percentage", "50", "--max-trials", "10", "-f", str(report)]
     run = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
