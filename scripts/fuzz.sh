@@ -8,16 +8,20 @@
 # standalone crate fuzz/ that compiles the server's src/preprocess/ without libtorch. The
 # script installs cargo-fuzz into target/tools when it is missing (from crates.io, pinned),
 # builds the target without a sanitizer (`-s none`, which works on stable Rust), and runs it
-# over fuzz/corpus/decode (the corpus kept in the repository, grown by the run) and
-# tests/fuzz-corpus (seed images, read only). After a run without a crash the corpus is
-# minimised (libFuzzer's -merge=1: only inputs that add coverage beyond the seeds stay).
+# over a working copy of fuzz/corpus/decode (the corpus kept in the repository, copied into
+# target/fuzz/corpus) and tests/fuzz-corpus (seed images, read only): a run leaves the
+# repository's files as they are. After a run without a crash the grown corpus is minimised
+# (libFuzzer's -merge=1: only inputs that add coverage beyond the seeds stay); with
+# FUZZ_UPDATE_CORPUS=1 the minimised corpus replaces fuzz/corpus/decode, to be committed.
 #
 # The last line is a summary: executions, exec/s, coverage, corpus size. Exit status: 0 no
 # crash; 1 a crash, a timeout or an out-of-memory (the input is left in fuzz/artifacts/decode/
 # and the command to reproduce it is printed); 2 cargo-fuzz or the target could not be built.
 #
 # Environment: FUZZ_SECONDS (60), FUZZ_TIMEOUT (seconds for one input, 10), FUZZ_MINIMISE
-# (1; 0 keeps the grown corpus as it is), CARGO_FUZZ_VERSION (0.13.2).
+# (1; 0 keeps the grown corpus as it is), FUZZ_UPDATE_CORPUS (0; 1 writes the minimised corpus
+# back to fuzz/corpus/decode), FUZZ_BUILD_ONLY (0; 1 stops once the target is built),
+# CARGO_FUZZ_VERSION (0.13.2).
 set -uo pipefail
 
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -27,14 +31,18 @@ scripts/build-tools.sh || exit 2
 FUZZ_SECONDS="${FUZZ_SECONDS:-60}"
 FUZZ_TIMEOUT="${FUZZ_TIMEOUT:-10}"
 FUZZ_MINIMISE="${FUZZ_MINIMISE:-1}"
+FUZZ_UPDATE_CORPUS="${FUZZ_UPDATE_CORPUS:-0}"
 CARGO_FUZZ_VERSION="${CARGO_FUZZ_VERSION:-0.13.2}"
 target=decode
-corpus="fuzz/corpus/$target"
+committed="fuzz/corpus/$target"
 seeds="tests/fuzz-corpus"
 artifacts="fuzz/artifacts/$target"
 work="$root/target/fuzz"
+corpus="$work/corpus"
 log="$work/$target.log"
-mkdir -p "$work" "$corpus" "$artifacts"
+mkdir -p "$work" "$committed" "$artifacts"
+# The run grows a copy of the committed corpus.
+rm -rf "$corpus" && cp -r "$committed" "$corpus"
 export PATH="$root/target/tools/bin:$PATH"
 
 now() { date +%s.%N; }
@@ -64,6 +72,7 @@ if ! cargo fuzz build -s none "$target" >"$work/build.log" 2>&1; then
     exit 2
 fi
 echo "fuzz: built in $(since "$t0") s"
+[ "${FUZZ_BUILD_ONLY:-0}" = 1 ] && exit 0
 
 files_before=$(size_of "$corpus")
 bytes_before=$(bytes_of "$corpus")
@@ -112,6 +121,10 @@ if [ "$FUZZ_MINIMISE" = 1 ]; then
         for s in "$seeds"/*; do rm -f "$min/$(basename "$s")"; done
         rm -rf "${corpus:?}" && mv "$min" "$corpus"
         echo "fuzz: corpus minimised in $(since "$t0") s: $files_after files ($bytes_after bytes) -> $(size_of "$corpus") files ($(bytes_of "$corpus") bytes)"
+        if [ "$FUZZ_UPDATE_CORPUS" = 1 ]; then
+            rm -rf "${committed:?}" && cp -r "$corpus" "$committed"
+            echo "fuzz: $committed replaced by the minimised corpus: commit it"
+        fi
     else
         echo "fuzz: minimising the corpus failed (see $work/merge.log); kept as it is"
     fi

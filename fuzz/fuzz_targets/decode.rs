@@ -36,7 +36,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed};
 use libfuzzer_sys::fuzz_target;
 use tch_serve_fuzz::metadata::ModelMetadata;
 use tch_serve_fuzz::preprocess::{
-    ExifOrientation, JpegScaledDecode, MAX_ASPECT_RATIO, PreprocessError, Preprocessed, Preprocessor, Probe,
+    ExifOrientation, JpegScaledDecode, MAX_ASPECT_RATIO, PreprocessError, Preprocessed,
+    Preprocessor, Probe,
 };
 
 const MAX_PIXELS: u64 = 4_000_000;
@@ -113,8 +114,8 @@ static ALLOC: Counting = Counting;
 
 /// The preprocessor as the server builds it for a model whose metadata gives no geometry.
 fn preprocessor(exif: ExifOrientation) -> Preprocessor {
-    let meta: ModelMetadata = serde_json::from_str(r#"{"name":"fuzz","labels":["a"]}"#)
-        .expect("minimal metadata parses");
+    let meta: ModelMetadata =
+        serde_json::from_str(r#"{"name":"fuzz","labels":["a"]}"#).expect("minimal metadata parses");
     meta.validate().expect("minimal metadata is valid");
     Preprocessor::for_model(&meta, MAX_PIXELS)
         .with_exif(exif)
@@ -184,7 +185,10 @@ fn panics_in(e: &PreprocessError) -> bool {
 }
 
 fn check_error(e: &PreprocessError, data: &[u8]) {
-    assert!(!e.to_string().is_empty(), "an error without a message: {e:?}");
+    assert!(
+        !e.to_string().is_empty(),
+        "an error without a message: {e:?}"
+    );
     match *e {
         PreprocessError::Empty => assert!(data.is_empty(), "Empty for {} bytes", data.len()),
         PreprocessError::TooLarge {
@@ -267,5 +271,8 @@ fuzz_target!(|data: &[u8]| {
     }
     let applied = check(&apply, data, &probe);
     let ignored = check(&preprocessor(ExifOrientation::Ignore), data, &probe);
-    assert_eq!(applied, ignored, "the EXIF setting changed whether the image decodes");
+    assert_eq!(
+        applied, ignored,
+        "the EXIF setting changed whether the image decodes"
+    );
 });
