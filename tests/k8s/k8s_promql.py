@@ -1,45 +1,25 @@
-"""Checks every PromQL expression the project ships: that it parses (promtool, the Prometheus
-project's own parser) and that it names only metrics the server exports (the metrics table of
-README.md, read here: the one list of them).
-
-    python scripts/k8s/promql-check.py --promtool /usr/bin/promtool --work target/k8s-validate/promql
+"""PromQL as the project ships it: where the expressions are (the Grafana dashboards, the
+alerting rules, the autoscaling components), the metrics the server exports (the metrics table
+of README.md, the one list of them) and a scanner that finds the metric names and labels an
+expression uses. The checks are tests/k8s/test_k8s_promql.py.
 
 Expressions come from:
   deploy/grafana/*.json                      panel queries and template-variable queries
-  deploy/prometheus/alerts.yml               alerting rules (also: promtool check rules, test rules)
+  deploy/prometheus/alerts.yml               alerting rules
   deploy/kubernetes/components/*/*.yaml      KEDA Prometheus triggers (ScaledObject queries)
   deploy/kubernetes/components/*/values.yaml prometheus-adapter rules (metricsQuery rendered as
                                              the adapter renders it, seriesQuery as a selector)
-and prometheus.yml goes through `promtool check config`. Grafana's variables are replaced
-before parsing ($__rate_interval by a duration, $var by a regex). Each source becomes a rules
-file of recording rules that `promtool check rules` parses.
-
-Self-tests first: an unbalanced expression must fail promtool, an unknown metric must fail the
-name check, so that neither check can pass vacuously.
-
-Prints "PASS<TAB>message" / "FAIL<TAB>message" (and "NOTE<TAB>message") lines; exits 0.
+Grafana's variables are replaced before parsing ($__rate_interval by a duration, $var by a
+regex).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import yaml
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def out(ok: bool, msg: str) -> None:
-    print(("PASS" if ok else "FAIL") + "\t" + msg, flush=True)
-
-
-def note(msg: str) -> None:
-    print("NOTE\t" + msg, flush=True)
 
 
 # --------------------------------------------------------- exported metrics ---
@@ -51,7 +31,7 @@ def exported_metrics(readme: Path) -> dict[str, tuple[str, set[str]]]:
     text = readme.read_text()
     m = re.search(r"^## Metrics\s*$(.*?)(?=^## )", text, re.S | re.M)
     if not m:
-        raise SystemExit("README.md has no '## Metrics' section")
+        raise ValueError("README.md has no '## Metrics' section")
     metrics = {}
     for line in m.group(1).splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -201,7 +181,7 @@ def grafana_exprs(path: Path) -> list[tuple[str, str]]:
         for p in panels:
             for t in p.get("targets", []):
                 if t.get("expr"):
-                    exprs.append((f'panel "{p.get("title")}" {t.get("refId", "")}', t["expr"]))
+                    exprs.append((f'panel {p.get("title")} {t.get("refId", "")}'.strip(), t["expr"]))
             walk(p.get("panels", []))
 
     walk(dash.get("panels", []))
@@ -262,7 +242,7 @@ def collect(root: Path) -> dict[str, list[tuple[str, str]]]:
     return sources
 
 
-# ----------------------------------------------------------------- checks ---
+# ------------------------------------------------------------ dashboards ---
 
 
 # Metrics with a `model` label (one series per model): a dashboard's `model` variable must
@@ -274,11 +254,8 @@ PER_MODEL = {"tch_serve_queue_wait_seconds", "tch_serve_preprocess_duration_seco
              "tch_serve_rejections_total"}
 
 
-def grafana_structure(path: Path, metrics: dict) -> list[tuple[bool, str]]:
-    """What importing the JSON as is needs: the Prometheus data source as a variable that every
-    panel uses, unique panel ids, and the `model` variable on every per-model series."""
-    dash = json.loads(path.read_text())
-    variables = {v["name"]: v for v in dash.get("templating", {}).get("list", [])}
+def dashboard_panels(dash: dict) -> list[dict]:
+    """Every panel of a Grafana dashboard, rows' panels included."""
     panels = []
 
     def walk(ps):
@@ -287,46 +264,12 @@ def grafana_structure(path: Path, metrics: dict) -> list[tuple[bool, str]]:
             walk(p.get("panels", []))
 
     walk(dash.get("panels", []))
-    data = [p for p in panels if p.get("type") != "row"]
-    ds_var = variables.get("datasource", {})
-    uses = all(p.get("datasource", {}).get("uid") == "${datasource}"
-               and all(t.get("datasource", {}).get("uid") == "${datasource}" for t in p.get("targets", []))
-               for p in data)
-    ids = [p.get("id") for p in panels]
-    missing = []
-    for p in data:
-        for t in p.get("targets", []):
-            for name, labels in selectors(t.get("expr", "")):
-                _, base = known_metric(name, metrics)
-                if (base or name) in PER_MODEL and "model" not in labels:
-                    missing.append(f'{name} in "{p.get("title")}"')
-    model = variables.get("model", {})
-    return [
-        (ds_var.get("type") == "datasource" and ds_var.get("query") == "prometheus" and uses,
-         f"{path.name}: a Prometheus data-source variable, used by all {len(data)} panels (imports as is)"),
-        (len(ids) == len(set(ids)) and None not in ids, f"{path.name}: panel ids unique"),
-        (model.get("type") == "query" and model.get("includeAll") and not missing,
-         f"{path.name}: a `model` variable (multi, All) applied to every per-model series"
-         + "".join(f"\n      no model matcher: {m}" for m in missing)),
-    ]
+    return panels
 
 
-def promtool_parse(promtool: str, work: Path, name: str, exprs: list[tuple[str, str]]) -> tuple[bool, str]:
-    rules = {"groups": [{"name": "check", "rules": [
-        {"record": f"check:expr_{i}", "expr": e} for i, (_, e) in enumerate(exprs)]}]}
-    path = work / (re.sub(r"[^A-Za-z0-9]+", "_", name) + ".rules.yml")
-    path.write_text(yaml.safe_dump(rules, sort_keys=False))
-    r = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
-    msg = (r.stdout + r.stderr).strip()
-    # Point at the source of a failing expression: promtool names the rule's index.
-    for m in re.finditer(r"rule (\d+)", msg):
-        idx = int(m.group(1)) - 1
-        if 0 <= idx < len(exprs):
-            msg += f"\n      rule {idx + 1} is {exprs[idx][0]}: {exprs[idx][1]}"
-    return r.returncode == 0, msg
-
-
-def check_names(exprs, metrics) -> tuple[list[str], list[str]]:
+def check_names(exprs: list[tuple[str, str]], metrics: dict) -> tuple[list[str], list[str]]:
+    """(metrics that are not in the table, labels the table does not list for their metric)
+    of the expressions [(where, expression)]."""
     unknown, undocumented = [], []
     for where, e in exprs:
         for name, labels in selectors(e):
@@ -342,64 +285,3 @@ def check_names(exprs, metrics) -> tuple[list[str], list[str]]:
                     if lab not in allowed:
                         undocumented.append(f"{lab} on {name} ({where})")
     return sorted(set(unknown)), sorted(set(undocumented))
-
-
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--promtool", default="promtool")
-    ap.add_argument("--work", default=str(ROOT / "target" / "k8s-validate" / "promql"))
-    ap.add_argument("--root", default=str(ROOT))
-    opts = ap.parse_args()
-    root = Path(opts.root)
-    work = Path(opts.work)
-    work.mkdir(parents=True, exist_ok=True)
-
-    metrics = exported_metrics(root / "README.md")
-    out(len(metrics) >= 10, f"README.md metrics table: {len(metrics)} metrics "
-        f"({', '.join(sorted(m for m in metrics if metrics[m][0] == 'histogram'))} are histograms)")
-
-    # Self-tests: the checks must be able to fail.
-    ok, _ = promtool_parse(opts.promtool, work, "self-test-broken", [("broken", "sum(rate(tch_serve_images_total[5m])")])
-    out(not ok, "self-test: promtool rejects an unbalanced expression")
-    unknown, _ = check_names([("t", 'sum(rate(tch_serve_imagez_total{model=~".*"}[5m])) by (model)')], metrics)
-    out(unknown == ["tch_serve_imagez_total (t)"], "self-test: the name check rejects a metric the server does not export"
-        + ("" if unknown else " (it did not)"))
-    probe = selectors('histogram_quantile(0.99, sum by (le, model) (rate(a_bucket{x="}", y=~"$1"}[5m] offset 1h))) / on(pod) group_left b unless c')
-    out(probe == [("", ["le", "model"]), ("a_bucket", ["x", "y"]), ("", ["pod"]), ("b", []), ("c", [])],
-        f"self-test: the expression scanner finds metric names and labels ({probe})")
-
-    for path in sorted((root / "deploy" / "grafana").glob("*.json")):
-        for ok, msg in grafana_structure(path, metrics):
-            out(ok, msg)
-
-    for name, exprs in collect(root).items():
-        if not exprs:
-            out(False, f"{name}: no PromQL expression found")
-            continue
-        ok, msg = promtool_parse(opts.promtool, work, name, exprs)
-        out(ok, f"{name}: {len(exprs)} expressions parse (promtool check rules)"
-            + ("" if ok else "\n      " + msg.replace("\n", "\n      ")))
-        unknown, undocumented = check_names(exprs, metrics)
-        out(not unknown, f"{name}: only metrics the server exports (README.md's table)"
-            + "".join(f"\n      unknown: {u}" for u in unknown))
-        if undocumented:
-            note(f"{name}: labels not (yet) in README.md's table for their metric: "
-                 + "; ".join(undocumented[:8]) + (" ..." if len(undocumented) > 8 else ""))
-
-    # The project's Prometheus files, as Prometheus would load them.
-    checks = [
-        (["check", "config", "prometheus.yml"], "prometheus.yml: promtool check config"),
-        (["check", "rules", "deploy/prometheus/alerts.yml"], "deploy/prometheus/alerts.yml: promtool check rules"),
-        (["test", "rules", "deploy/prometheus/alerts_test.yml"], "deploy/prometheus/alerts_test.yml: promtool test rules"),
-    ]
-    for args, what in checks:
-        if not (root / args[-1]).exists():
-            continue
-        r = subprocess.run([opts.promtool, *args], capture_output=True, text=True, cwd=root)
-        out(r.returncode == 0, what + ("" if r.returncode == 0 else
-                                       "\n      " + (r.stdout + r.stderr).strip().replace("\n", "\n      ")))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

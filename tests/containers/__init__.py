@@ -1,0 +1,1 @@
+"""The container tests: the images, Docker and compose (`make test-containers`)."""
