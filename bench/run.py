@@ -823,7 +823,7 @@ def pt2_section(r: dict) -> list[str]:
         "",
         f"`models/export.py --format aoti` of `{r['model']}` (torch.export, dynamic batch 1-64, frozen weights, compiled "
         "for this CPU), served with the defaults beside the TorchScript model, one after the other in this part. "
-        "Parity and load errors: `tests/aoti.rs`.",
+        "Parity and load errors: `tests/suite/aoti.rs`.",
         "",
         "| model | batch 1 images/s | best batch | best images/s |",
         "| --- | --- | --- | --- |",
@@ -876,7 +876,7 @@ def pt2_int8_lines(q: dict, by: dict) -> list[str]:
           f"**{best['pt2 int8'] / best['pt2 fp32']:.2f}x**; end to end {int8['sat']['ok_per_s']:.1f} / "
           f"{fp32['sat']['ok_per_s']:.1f} = **{int8['sat']['ok_per_s'] / fp32['sat']['ok_per_s']:.2f}x** "
           f"(idle p50 {int8['idle']['lat_ok']['med']:.1f} ms against {fp32['idle']['lat_ok']['med']:.1f} ms). "
-          "Top-1 agreement: `tests/aoti.rs` (PARITY line)."]
+          "Top-1 agreement: `tests/suite/aoti.rs` (PARITY line)."]
     if "resnet50 pt2 int8" in best:
         r8, r32 = best["resnet50 pt2 int8"], best["resnet50 pt2 fp32"]
         md += ["", f"ResNet-50 raw forward, best batch, {cores} cores: int8 {r8:.1f} images/s "

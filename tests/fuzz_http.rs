@@ -1,4 +1,4 @@
-//! Property-based fuzzing (proptest) of the HTTP layer, beside tests/fuzz_preprocess.rs (which
+//! Property-based fuzzing (proptest) of the HTTP layer, beside tests/suite/fuzz_preprocess.rs (which
 //! fuzzes the images): multipart framing, headers (Content-Type, Content-Length,
 //! Authorization, Transfer-Encoding, Expect, Connection) and query strings, with an API key
 //! configured. Through the router in-process for what `http` can express, and as raw bytes over

@@ -2,15 +2,13 @@
 //! classifier, and over a real socket for the limits: every route, JSON and binary, tensors and
 //! encoded images, the classification extension, the errors, and answers equal to /predict's.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Body;
 use axum::http::Request;
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
-use common::*;
 use http_body_util::BodyExt;
 use image::ImageFormat;
 use tower::ServiceExt;

@@ -3,12 +3,10 @@
 //! says which classes are right for each, and why) get a right class in their top 5, and most
 //! in their top 1; PNG, grayscale and JPEG files of them and a multi-image request agree.
 
-mod common;
-
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use common::*;
+use crate::common::*;
 use tch_serve::Server;
 use tch_serve::model::TorchBackend;
 
@@ -173,7 +171,7 @@ async fn names_what_is_in_real_photos(server: &Server, model: &str) {
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), photos.len());
     // An int8 model's answer may move by a requantization step with the batch's shape when its
-    // kernels split their work across threads (tests/aoti.rs says how far): its tolerance.
+    // kernels split their work across threads (tests/suite/aoti.rs says how far): its tolerance.
     let meta: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(
             model_dir()

@@ -6,13 +6,11 @@
 //! packages that cannot run here refused at load with the reason; and a broken new version of a
 //! served package leaving the old one serving.
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tch_serve::Server;
 use tch_serve::config::{MemoryFormat, Precision};
 use tch_serve::metadata::{ModelFormat, ModelMetadata};

@@ -14,9 +14,7 @@
 //! for all in release mode). `FUZZ_SEED=<u64>` makes a run reproducible; otherwise every run
 //! explores new inputs. Each property prints its case count and time (`--nocapture`).
 
-mod common;
-
-use common::{png_chunk, zlib_stored};
+use crate::common::{png_chunk, zlib_stored};
 
 use std::cell::RefCell;
 use std::collections::BTreeMap;
@@ -33,30 +31,30 @@ use tch_serve::error::ApiError;
 use tch_serve::preprocess::Preprocessor;
 
 const SEEDS: [(&str, &[u8]); 9] = [
-    ("chelsea.jpg", include_bytes!("fuzz-corpus/chelsea.jpg")),
+    ("chelsea.jpg", include_bytes!("../fuzz-corpus/chelsea.jpg")),
     (
         "chelsea-progressive.jpg",
-        include_bytes!("fuzz-corpus/chelsea-progressive.jpg"),
+        include_bytes!("../fuzz-corpus/chelsea-progressive.jpg"),
     ),
-    ("coffee.png", include_bytes!("fuzz-corpus/coffee.png")),
+    ("coffee.png", include_bytes!("../fuzz-corpus/coffee.png")),
     (
         "camera-gray.png",
-        include_bytes!("fuzz-corpus/camera-gray.png"),
+        include_bytes!("../fuzz-corpus/camera-gray.png"),
     ),
     (
         "astronaut-rgba.png",
-        include_bytes!("fuzz-corpus/astronaut-rgba.png"),
+        include_bytes!("../fuzz-corpus/astronaut-rgba.png"),
     ),
     (
         "astronaut.webp",
-        include_bytes!("fuzz-corpus/astronaut.webp"),
+        include_bytes!("../fuzz-corpus/astronaut.webp"),
     ),
     (
         "astronaut-lossless.webp",
-        include_bytes!("fuzz-corpus/astronaut-lossless.webp"),
+        include_bytes!("../fuzz-corpus/astronaut-lossless.webp"),
     ),
-    ("coffee.gif", include_bytes!("fuzz-corpus/coffee.gif")),
-    ("chelsea.bmp", include_bytes!("fuzz-corpus/chelsea.bmp")),
+    ("coffee.gif", include_bytes!("../fuzz-corpus/coffee.gif")),
+    ("chelsea.bmp", include_bytes!("../fuzz-corpus/chelsea.bmp")),
 ];
 
 const MAGICS: [&[u8]; 9] = [
@@ -81,7 +79,7 @@ fn preprocessor() -> Preprocessor {
 /// Shrinking a failing case stops after this many steps (decoding one input is fast).
 const MAX_SHRINK_ITERS: u32 = 2000;
 
-/// Runs `property` over `strategy`, tallying the outcomes it reports (see common::fuzzing).
+/// Runs `property` over `strategy`, tallying the outcomes it reports (see crate::common::fuzzing).
 fn fuzz<S: Strategy>(
     name: &str,
     default_cases: u32,
@@ -90,7 +88,7 @@ fn fuzz<S: Strategy>(
 ) where
     S::Value: std::fmt::Debug,
 {
-    common::fuzzing::fuzz(name, default_cases, MAX_SHRINK_ITERS, strategy, property);
+    crate::common::fuzzing::fuzz(name, default_cases, MAX_SHRINK_ITERS, strategy, property);
 }
 
 /// The property of the preprocessing path for one input.
@@ -677,7 +675,7 @@ fn fuzz_requests_through_the_router() {
         .enable_all()
         .build()
         .unwrap();
-    let server = rt.block_on(common::fake_server(
+    let server = rt.block_on(crate::common::fake_server(
         &[
             "--max-image-pixels",
             "4000000",
@@ -695,7 +693,7 @@ fn fuzz_requests_through_the_router() {
         let Some((req, files)) = build_request(&spec) else {
             return Ok("not expressible in HTTP");
         };
-        let (resp, body) = rt.block_on(common::send(&server, req));
+        let (resp, body) = rt.block_on(crate::common::send(&server, req));
         let status = resp.status().as_u16();
         *statuses.borrow_mut().entry(status).or_default() += 1;
         prop_assert!(status < 500, "answered {status}: {body}");
@@ -714,7 +712,7 @@ fn fuzz_requests_through_the_router() {
     });
     println!("FUZZ: router statuses {:?}", statuses.borrow());
     // Still healthy.
-    let (resp, _) = rt.block_on(common::send(
+    let (resp, _) = rt.block_on(crate::common::send(
         &server,
         Request::get("/health").body(Body::empty()).unwrap(),
     ));

@@ -1,14 +1,12 @@
 //! The real binary as a user runs it: start-up on the exported model, the healthcheck
 //! subcommand, SIGTERM, and start-up errors.
 
-mod common;
-
 use std::io::{BufRead, BufReader};
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tch-serve");
 

@@ -2,13 +2,11 @@
 //! real socket for concurrency, timeouts and shutdown. Tests wait on events (a gate the fake
 //! model's forward passes stop at, a metric reaching a value), never on a sleep.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Body;
 use axum::http::Request;
-use common::*;
 use image::ImageFormat;
 
 #[tokio::test]

@@ -9,12 +9,10 @@
 //! (stalled and endless uploads, missing or wrong API keys, conflicting lengths, broken chunks,
 //! slowloris), each with its expected answer.
 
-mod common;
-
 use std::io::Cursor;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use image::{DynamicImage, ImageBuffer, ImageFormat, Luma, LumaA, Rgb, Rgba};
 
 /// The pixel limit of the server under test: small, so that bombs are cheap to build.

@@ -3,16 +3,14 @@
 //! what really happened. Every test waits on events (the fake model's gate, a metric's value),
 //! never on a sleep.
 
-mod common;
-
 use std::io::{Read, Write};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Body;
 use axum::http::Request;
-use common::*;
 use image::ImageFormat;
 use tower::ServiceExt;
 

@@ -2,16 +2,14 @@
 //! loading, reloading and unloading while serving, failures that never replace a working
 //! version, polling, and the per-model series.
 
-mod common;
-
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Body;
 use axum::http::Request;
-use common::*;
 use tch_serve::Server;
 
 fn get(uri: &str) -> Request<Body> {

@@ -2,12 +2,10 @@
 //! fake classifier: every method, raw and typed contents, the classification extension, the
 //! status codes, grpc.health.v1, answers equal to REST's, and the shutdown sequence.
 
-mod common;
-
 use std::collections::HashMap;
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tch_serve::v2::grpc::proto::grpc_inference_service_client::GrpcInferenceServiceClient;
 use tch_serve::v2::grpc::proto::infer_parameter::ParameterChoice;
 use tch_serve::v2::grpc::proto::model_infer_request::{

@@ -1,11 +1,9 @@
 //! The real TorchScript model exported by `models/export.py` (the setup step does it), against
 //! the Python reference answers written by `tests/python/reference.py`.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use crate::common::*;
 use tch_serve::config::{MemoryFormat, Precision};
 use tch_serve::metadata::ModelMetadata;
 use tch_serve::model::{Classifier, TorchClassifier};

@@ -3,13 +3,11 @@
 //! answer with `WWW-Authenticate: Bearer` otherwise. The probes and, unless
 //! `--protect-metrics`, the metrics stay open. Keys never appear in the logged configuration.
 
-mod common;
-
 use std::time::Duration;
 
+use crate::common::*;
 use axum::body::Body;
 use axum::http::Request;
-use common::*;
 
 const KEY_A: &str = "k-a.0123456789abcdef0123456789abcdef";
 const KEY_B: &str = "k-b.fedcba9876543210fedcba9876543210";
@@ -276,7 +274,7 @@ fn keys_from_the_environment_are_comma_separated() {
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
-            "keys_from_the_environment_are_comma_separated",
+            "auth::keys_from_the_environment_are_comma_separated",
             "--nocapture",
         ])
         .env("TCH_SERVE_API_KEY", format!("{KEY_A},{KEY_B}"))
