@@ -24,10 +24,15 @@ SBOM := target/release/tch-serve.cdx.json
 CARGO_SBOM := target/tools/bin/cargo-sbom
 CARGO_DENY := target/tools/bin/cargo-deny
 CARGO_FUZZ := target/tools/bin/cargo-fuzz
-# tch builds against the libtorch inside the venv's torch wheel.
-CARGO := LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
+# tch builds against the libtorch inside the venv's torch wheel. Cargo takes every core, not
+# make's job slots (`make prepare` runs its lanes side by side with -j).
+CARGO := env -u MAKEFLAGS -u MFLAGS LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
+# The cargo tools, pinned, built once into target/tools; one target folder for them all, so the
+# crates they share compile once.
+CARGO_INSTALL := env -u MAKEFLAGS -u MFLAGS CARGO_TARGET_DIR=$(CURDIR)/target/tools/build \
+	cargo install --locked --quiet --root target/tools
 
-.PHONY: run setup venv build-tools model test-data build sbom image-sbom deny tools fuzz-build test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
+.PHONY: run setup venv build-tools model test-data build sbom image-sbom images deny tools fuzz-build prepare prepared-host prepared-images prepared-tools test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
 
 ## Set up, build and serve the model repository models/ (port $(PORT)): the pretrained
 ## efficientnet_lite0 as an AOTInductor package (efficientnet_lite0_aoti, the default model)
@@ -80,38 +85,59 @@ $(SBOM): Cargo.toml Cargo.lock $(CARGO_SBOM)
 	$(CARGO_SBOM) --output-format cyclone_dx_json_1_6 --cargo-package tch-serve >$@.tmp
 	$(PY) scripts/check-sbom.py $@.tmp
 	mv $@.tmp $@
-# Pinned; built once into target/tools (about a minute on 2 cores).
 $(CARGO_SBOM):
-	cargo install --locked --quiet --root target/tools cargo-sbom@0.10.0
+	@scripts/logged.sh cargo-sbom $(CARGO_INSTALL) cargo-sbom@0.10.0
 
 ## The crates the server is built from against deny.toml: licences, bans, sources (cargo-deny,
 ## pinned, built once into target/tools; RustSec's advisories need a source-code host: README.md).
 deny: $(CARGO_DENY)
 	$(CARGO_DENY) check --hide-inclusion-graph licenses bans sources
 $(CARGO_DENY):
-	cargo install --locked --quiet --root target/tools cargo-deny@0.20.2
+	@scripts/logged.sh cargo-deny $(CARGO_INSTALL) cargo-deny@0.20.2
 
-# The cargo tools the tests use, pinned, built once into target/tools: cargo-fuzz (scripts/fuzz.sh
-# installs it too when missing), and the fuzz target built ahead of its run.
+# cargo-fuzz (scripts/fuzz.sh installs it too when missing), and the fuzz target built ahead.
 $(CARGO_FUZZ):
-	cargo install --locked --quiet --root target/tools cargo-fuzz@0.13.2
+	@scripts/logged.sh cargo-fuzz $(CARGO_INSTALL) cargo-fuzz@0.13.2
 tools: $(CARGO_DENY) $(CARGO_SBOM) $(CARGO_FUZZ)
 fuzz-build: $(CARGO_FUZZ) build-tools
-	FUZZ_BUILD_ONLY=1 scripts/fuzz.sh
+	@scripts/logged.sh fuzz-build env -u MAKEFLAGS -u MFLAGS FUZZ_BUILD_ONLY=1 scripts/fuzz.sh
 
-## The whole suite. First what it needs, two things at a time (the downloads and model exports
-## of `setup` beside the compiles of the cargo tools and the fuzz target); then one suite after
-## another (a failed one does not stop the others): formatting, unit and integration tests (real
-## model, real sockets) and the crates' policy, Kubernetes manifests against real schemas, the
-## container tests (real Docker engine, real Prometheus), the reliability tests (load balancers,
-## overload, hostile clients, fuzzing), then the Open Inference Protocol with tritonclient and
-## KServe's SDK. Each runner reports its own tests (cargo test, pytest); the last lines are one
-## per suite, with its time (scripts/test-summary.py, from the reports in target/test-reports/).
+## Both images (tch-serve:cpu, tch-serve:gpu) built from the checkout as the container tests
+## build them (scripts/build-images.sh; the Docker engine and base images first).
+images:
+	scripts/build-images.sh
+
+## Everything the suites need, built before any of them runs: the Debian packages at once,
+## then three lanes side by side (compiles beside downloads), each step logged to
+## target/test-logs/prepare/: the host (the venv, models and test data, the test and release
+## builds, the SBOM), the images (the Docker engine, base images, both images), the tools (the
+## cargo tools, the fuzz target, the Kubernetes and protocol tests' tools and venvs).
+DEBIAN_PACKAGES := cmake nasm docker.io debootstrap prometheus haproxy nginx
+prepare:
+	@scripts/debian-packages.sh $(DEBIAN_PACKAGES)
+	@$(MAKE) --no-print-directory -j3 prepared-images prepared-host prepared-tools
+prepared-images:
+	@scripts/logged.sh images scripts/build-images.sh
+prepared-host: setup $(CARGO_SBOM)
+	@scripts/logged.sh test-build $(CARGO) test --release --locked --no-run
+	@scripts/logged.sh release $(MAKE) --no-print-directory build
+prepared-tools: venv $(CARGO_DENY) fuzz-build
+	@scripts/logged.sh k8s-tools scripts/k8s-tools.sh
+	@scripts/logged.sh protocol-venvs scripts/protocol-test.sh --setup-only
+
+## The whole suite: `make prepare`, then the suites one after another (a failed one does not
+## stop the others; nothing is left to build by then, so nothing else runs beside the tests):
+## formatting, unit and integration tests (real model, real sockets) and the crates' policy,
+## Kubernetes manifests against real schemas, the container tests (real Docker engine, real
+## Prometheus), the reliability tests (load balancers, overload, hostile clients, fuzzing), then
+## the Open Inference Protocol with tritonclient and KServe's SDK. Each runner reports its own
+## tests (cargo test, pytest); the last lines are one per suite, with its time
+## (scripts/test-summary.py, from the reports in target/test-reports/).
 SUITES := rust k8s containers reliability protocol
 test:
 	@rm -rf target/test-reports && mkdir -p target/test-reports; \
 	start=$$(date +%s); \
-	$(MAKE) --no-print-directory -j2 --output-sync=target setup tools fuzz-build; \
+	$(MAKE) --no-print-directory prepare; \
 	echo $$? >target/test-reports/prepare.status; \
 	echo $$(( $$(date +%s) - start )) >target/test-reports/prepare.seconds; \
 	for suite in $(SUITES); do \

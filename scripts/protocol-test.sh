@@ -3,6 +3,7 @@
 # binary on the real models:
 #
 #   scripts/protocol-test.sh
+#   scripts/protocol-test.sh --setup-only     # step 1 alone (make prepare)
 #
 #   1. venvs: .venv-tritonclient (tritonclient[http,grpc], tests/protocol/requirements-tritonclient.txt)
 #      and .venv-kserve (KServe's SDK, heavy, tests/protocol/requirements-kserve.txt), each made and
@@ -38,10 +39,6 @@ mkdir -p "$work" "$reports"
 
 fail_setup() { echo "setup: $*" >&2; exit 1; }
 
-[ -x "$BIN" ] || fail_setup "$BIN is missing: run \`make build\`"
-[ -f "$MODELS/efficientnet_lite0/model.pt" ] || fail_setup "$MODELS/efficientnet_lite0/model.pt is missing: run \`make model\`"
-[ -f "$PHOTOS/chelsea.jpg" ] || fail_setup "$PHOTOS has no photos: run \`make test-data\`"
-
 # venv NAME REQUIREMENTS: made and filled when missing or when the requirements changed.
 venv() {
     local dir="$root/$1" req="$root/$2"
@@ -61,6 +58,11 @@ venv .venv-tritonclient tests/protocol/requirements-tritonclient.txt || fail_set
 venv .venv-kserve tests/protocol/requirements-kserve.txt || fail_setup "pip install into .venv-kserve"
 bench/perf-analyzer.sh >"$work/perf-analyzer.log" 2>&1 || { tail -20 "$work/perf-analyzer.log" >&2; fail_setup "bench/perf-analyzer.sh"; }
 echo "venvs ready in $((SECONDS - start)) s"
+[ "${1:-}" = --setup-only ] && exit 0
+
+[ -x "$BIN" ] || fail_setup "$BIN is missing: run \`make build\`"
+[ -f "$MODELS/efficientnet_lite0/model.pt" ] || fail_setup "$MODELS/efficientnet_lite0/model.pt is missing: run \`make model\`"
+[ -f "$PHOTOS/chelsea.jpg" ] || fail_setup "$PHOTOS has no photos: run \`make test-data\`"
 
 export TCH_SERVE_BIN="$BIN" TCH_SERVE_PHOTOS="$PHOTOS" TCH_SERVE_MODELS="$MODELS"
 export TCH_SERVE_PERF_ANALYZER="$root/.venv-perf/bin/perf_analyzer"

@@ -85,7 +85,7 @@ def main(suites: list[str]) -> int:
     if prepare.is_file():
         took = int(prepare.read_text())
         status = (REPORTS / "prepare.status").read_text().strip() if (REPORTS / "prepare.status").is_file() else "?"
-        print(f"{'    ' if status == '0' else 'FAIL'}  {'setup':<{width}}  the venv, models, test data and cargo tools"
+        print(f"{'    ' if status == '0' else 'FAIL'}  {'prepare':<{width}}  everything the suites need, built (make prepare)"
               f"{'' if status == '0' else f' (exit {status})'}  ({took // 60} min {took % 60:02d} s)")
         ok &= status == "0"
     for suite, verdict, text, took in rows:

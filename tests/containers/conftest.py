@@ -136,18 +136,21 @@ class Image:
 
 
 def build_image(kind: str, tag: str, dockerfile: str, vcs_ref: str) -> Image:
-    """docker build --network host --force-rm --build-arg VCS_REF=... -t TAG -f FILE ."""
+    """The image built by scripts/build-images.sh (docker build --network host --force-rm
+    --build-arg VCS_REF=... -t TAG -f FILE .), as `make images` builds it: from Docker's layer
+    cache when that ran first."""
     WORK.mkdir(parents=True, exist_ok=True)
-    log = WORK / f"build-{kind}.log"
-    cmd = ["docker", "build", "--network", "host", "--force-rm", "--build-arg", f"VCS_REF={vcs_ref}",
-           "-t", tag, "-f", dockerfile, "."]
+    log = ROOT / "target" / "test-logs" / "images" / f"build-{kind}.log"
+    cmd = [str(ROOT / "scripts/build-images.sh"), kind]
+    env = dict(os.environ, CPU_IMAGE=CPU_IMAGE, GPU_IMAGE=GPU_IMAGE, SKIP_GPU="0")
     t0 = time.monotonic()
-    with open(log, "w") as out:
-        rc = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, timeout=3600).returncode
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=3600)
     took = time.monotonic() - t0
-    if rc != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {rc} (log {log.relative_to(ROOT)}):\n"
-                    f"{engine.tail(log.read_text())}", pytrace=False)
+    if r.returncode != 0:
+        pytest.fail(f"{' '.join(cmd)} exited {r.returncode} (log {log.relative_to(ROOT)}):\n"
+                    f"{engine.tail(r.stdout + r.stderr)}", pytrace=False)
+    assert engine.inspect(tag, "{{index .Config.Labels \"org.opencontainers.image.revision\"}}",
+                          kind="image") == vcs_ref, f"{tag} was not built from this checkout ({vcs_ref})"
     size = int(engine.inspect(tag, "{{.Size}}", kind="image"))
     base = int(engine.inspect(BASE_IMAGE, "{{.Size}}", kind="image"))
     image = Image(kind, tag, dockerfile, took, log, size, base)
