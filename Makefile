@@ -32,7 +32,7 @@ CARGO := env -u MAKEFLAGS -u MFLAGS LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VEN
 CARGO_INSTALL := env -u MAKEFLAGS -u MFLAGS CARGO_TARGET_DIR=$(CURDIR)/target/tools/build \
 	cargo install --locked --quiet --root target/tools
 
-.PHONY: run setup venv build-tools model test-data build sbom image-sbom images deny tools fuzz-build prepare prepared-host prepared-images prepared-tools test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
+.PHONY: run setup venv build-tools model test-data build sbom image-sbom images deny tools fuzz-build prepare debian-packages prepared-build prepared-sbom prepared-images prepared-models prepared-tools prepared-clients test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
 
 ## Set up, build and serve the model repository models/ (port $(PORT)): the pretrained
 ## efficientnet_lite0 as an AOTInductor package (efficientnet_lite0_aoti, the default model)
@@ -107,21 +107,31 @@ fuzz-build: $(CARGO_FUZZ) build-tools
 images:
 	scripts/build-images.sh
 
-## Everything the suites need, built before any of them runs: the Debian packages at once,
-## then three lanes side by side (compiles beside downloads), each step logged to
-## target/test-logs/prepare/: the host (the venv, models and test data, the test and release
-## builds, the SBOM), the images (the Docker engine, base images, both images), the tools (the
-## cargo tools, the fuzz target, the Kubernetes and protocol tests' tools and venvs).
+## Everything the suites need, built before any of them runs, in lanes side by side so that
+## downloads run beside compiles, each step logged to target/test-logs/prepare/ with its time:
+## Debian's packages (one apt at a time, so first in every lane that needs one); the build (the
+## test binaries and the release binary, started as soon as the venv's libtorch is there, being
+## the longest) and its SBOM; the images (the Docker engine, base images, both images); the
+## models and test data; the cargo tools and the fuzz target; the Kubernetes and protocol
+## tests' clients.
 DEBIAN_PACKAGES := cmake nasm docker.io debootstrap prometheus haproxy nginx
+PREPARED := prepared-build prepared-sbom prepared-images prepared-models prepared-tools prepared-clients
 prepare:
-	@scripts/debian-packages.sh $(DEBIAN_PACKAGES)
-	@$(MAKE) --no-print-directory -j3 prepared-images prepared-host prepared-tools
-prepared-images:
-	@scripts/logged.sh images scripts/build-images.sh
-prepared-host: setup $(CARGO_SBOM)
+	@$(MAKE) --no-print-directory -j$(words $(PREPARED)) $(PREPARED)
+debian-packages:
+	@scripts/logged.sh debian-packages scripts/debian-packages.sh $(DEBIAN_PACKAGES)
+prepared-build: debian-packages venv
+	@scripts/build-tools.sh
 	@scripts/logged.sh test-build $(CARGO) test --release --locked --no-run
-	@scripts/logged.sh release $(MAKE) --no-print-directory build
-prepared-tools: venv $(CARGO_DENY) fuzz-build
+	@scripts/logged.sh release $(CARGO) build --release --locked
+prepared-sbom: prepared-build $(CARGO_SBOM)
+	@scripts/logged.sh sbom $(MAKE) --no-print-directory sbom
+prepared-images: debian-packages
+	@scripts/logged.sh images scripts/build-images.sh
+prepared-models: venv model test-data
+prepared-tools: debian-packages $(CARGO_DENY) $(CARGO_FUZZ)
+	@$(MAKE) --no-print-directory fuzz-build
+prepared-clients: debian-packages venv
 	@scripts/logged.sh k8s-tools scripts/k8s-tools.sh
 	@scripts/logged.sh protocol-venvs scripts/protocol-test.sh --setup-only
 
