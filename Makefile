@@ -24,12 +24,14 @@ SBOM := target/release/tch-serve.cdx.json
 CARGO_SBOM := target/tools/bin/cargo-sbom
 CARGO_DENY := target/tools/bin/cargo-deny
 CARGO_FUZZ := target/tools/bin/cargo-fuzz
-# tch builds against the libtorch inside the venv's torch wheel. Cargo takes every core, not
-# make's job slots (`make prepare` runs its lanes side by side with -j).
-CARGO := env -u MAKEFLAGS -u MFLAGS LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
+# Cargo takes every core, not make's job slots (`make prepare` runs its lanes side by side with
+# -j): it runs without make's jobserver.
+NO_JOBSERVER := env -u MAKEFLAGS -u MFLAGS
+# tch builds against the libtorch inside the venv's torch wheel.
+CARGO := $(NO_JOBSERVER) LIBTORCH_USE_PYTORCH=1 PATH="$(CURDIR)/$(VENV)/bin:$$PATH" cargo
 # The cargo tools, pinned, built once into target/tools; one target folder for them all, so the
 # crates they share compile once.
-CARGO_INSTALL := env -u MAKEFLAGS -u MFLAGS CARGO_TARGET_DIR=$(CURDIR)/target/tools/build \
+CARGO_INSTALL := $(NO_JOBSERVER) CARGO_TARGET_DIR=$(CURDIR)/target/tools/build \
 	cargo install --locked --quiet --root target/tools
 
 .PHONY: run setup venv build-tools model test-data build sbom image-sbom images deny tools fuzz-build prepare debian-packages prepared-build prepared-sbom prepared-images prepared-models prepared-tools prepared-clients test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
@@ -100,7 +102,7 @@ $(CARGO_FUZZ):
 	@scripts/logged.sh cargo-fuzz $(CARGO_INSTALL) cargo-fuzz@0.13.2
 tools: $(CARGO_DENY) $(CARGO_SBOM) $(CARGO_FUZZ)
 fuzz-build: $(CARGO_FUZZ) build-tools
-	@scripts/logged.sh fuzz-build env -u MAKEFLAGS -u MFLAGS FUZZ_BUILD_ONLY=1 scripts/fuzz.sh
+	@scripts/logged.sh fuzz-build $(NO_JOBSERVER) FUZZ_BUILD_ONLY=1 scripts/fuzz.sh
 
 ## Both images (tch-serve:cpu, tch-serve:gpu) built from the checkout as the container tests
 ## build them (scripts/build-images.sh; the Docker engine and base images first).

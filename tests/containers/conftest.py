@@ -6,7 +6,8 @@ the end of the run and kept in target/test-logs/containers/figures.json.
   CPU_IMAGE, GPU_IMAGE   the tags built and tested (tch-serve:cpu, tch-serve:gpu)
   SKIP_GPU=1             deselects the tests marked `gpu` (the GPU image is not built)
   HOST_CA                CA bundle for the builds when certs/ holds no *.crt
-                         (/etc/ssl/certs/ca-certificates.crt; see certs/README.md)
+                         (/etc/ssl/certs/ca-certificates.crt; scripts/build-images.sh
+                         copies it; see certs/README.md)
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -25,8 +25,6 @@ import pytest
 from containers import engine
 from containers.engine import BASE_IMAGE, CPU_IMAGE, GPU_IMAGE, WORK
 from harness import ROOT, free_port
-
-HOST_CA = Path(os.environ.get("HOST_CA", "/etc/ssl/certs/ca-certificates.crt"))
 
 # ---------------------------------------------------------------- figures ---
 
@@ -102,19 +100,6 @@ def docker_engine() -> str:
 
 
 @pytest.fixture(scope="session")
-def build_ca():
-    """The host's CA bundle as certs/extra-ca.crt for the builds (pip and cargo behind TLS
-    inspection) when certs/ holds no *.crt of its own; removed at the end of the run."""
-    created = None
-    if not list((ROOT / "certs").glob("*.crt")) and HOST_CA.is_file():
-        created = ROOT / "certs" / "extra-ca.crt"
-        shutil.copyfile(HOST_CA, created)
-    yield created
-    if created is not None:
-        created.unlink(missing_ok=True)
-
-
-@pytest.fixture(scope="session")
 def vcs_ref() -> str:
     r = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     return r.stdout.strip() if r.returncode == 0 else "unknown"
@@ -163,12 +148,12 @@ def build_image(kind: str, tag: str, dockerfile: str, vcs_ref: str) -> Image:
 
 
 @pytest.fixture(scope="session")
-def cpu_image(docker_engine, build_ca, vcs_ref) -> Image:
+def cpu_image(docker_engine, vcs_ref) -> Image:
     return build_image("cpu", CPU_IMAGE, "Dockerfile", vcs_ref)
 
 
 @pytest.fixture(scope="session")
-def gpu_image(docker_engine, build_ca, vcs_ref) -> Image:
+def gpu_image(docker_engine, vcs_ref) -> Image:
     return build_image("gpu", GPU_IMAGE, "Dockerfile.gpu", vcs_ref)
 
 
