@@ -98,6 +98,11 @@ ENV CARGO_HTTP_CAINFO=/etc/ssl/certs/ca-certificates.crt \
     LIBTORCH=/opt/libtorch/site-packages/torch \
     LD_LIBRARY_PATH=/opt/libtorch/site-packages/torch/lib:/opt/libtorch/site-packages/nvidia/cu13/lib
 COPY --from=libtorch /opt/libtorch /opt/libtorch
+# Where cargo keeps the crates' sources: the base image's by default. Cargo's fingerprints name
+# those paths, so a seeded build (docker/cargo-seed/README) uses the host's CARGO_HOME
+# (scripts/build-images.sh passes it).
+ARG CARGO_HOME_DIR=/usr/local/cargo
+ENV CARGO_HOME=${CARGO_HOME_DIR}
 WORKDIR /src
 
 # Dependencies first, from the manifests alone: this layer is rebuilt only
@@ -106,6 +111,12 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 # build.rs compiles the Open Inference Protocol's gRPC service from proto/ (protox: no protoc).
 COPY proto/ proto/
+# A warm start for cargo: docker/cargo-seed/ holds only its README in a checkout.
+# scripts/build-images.sh puts the host's release build of the dependencies there
+# (when the host is this stage's Debian release and toolchain), and cargo then
+# compiles only the crates its fingerprints find different (torch-sys and tch,
+# built against this stage's libtorch).
+COPY docker/cargo-seed/ target/
 COPY docker/cargo-stubs.sh /usr/local/bin/cargo-stubs
 RUN cargo-stubs >/tmp/stubs.txt \
  && cargo build --release --locked --bin tch-serve \
@@ -115,7 +126,10 @@ RUN cargo-stubs >/tmp/stubs.txt \
 
 # cargo-sbom writes the binary's software bill of materials (the crates it is
 # built from, CycloneDX JSON) into the image: /usr/share/doc/tch-serve/sbom.cdx.json.
-RUN cargo install --locked --quiet --root /opt/cargo-sbom cargo-sbom@0.10.0
+# Optimised less than a release build (opt-level 1): it writes one JSON file, and
+# compiles faster so.
+RUN CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+    cargo install --locked --quiet --root /opt/cargo-sbom cargo-sbom@0.10.0
 
 # The sources. touch: COPY keeps the files' old mtimes, which could look
 # older than the stub build's outputs. Then the ldd check, and a copy of

@@ -77,3 +77,25 @@ def test_compose_config(files, api_image):
         assert api["environment"]["TCH_SERVE_DEVICE"] == "cuda"
     else:
         assert devices == [], f"the CPU stack reserves devices: {devices}"
+
+
+def dependency_layers(dockerfile: str) -> list[str]:
+    """The build stage's instructions from its FROM to the dependency build (the RUN that
+    follows the stubs), continuation lines joined and comments left out; the libtorch stage it
+    copies from is named `libtorch-cpu` in Dockerfile.gpu."""
+    text = (ROOT / dockerfile).read_text().replace("\\\n", " ")
+    lines = [" ".join(line.split()) for line in text.splitlines()
+             if line.strip() and not line.lstrip().startswith("#")]
+    start = lines.index("FROM ${RUST_IMAGE} AS build")
+    end = next(i for i in range(start, len(lines)) if lines[i].startswith("RUN cargo-stubs"))
+    return [line.replace("--from=libtorch-cpu ", "--from=libtorch ") for line in lines[start:end + 1]]
+
+
+def test_images_share_the_dependency_layers():
+    """The GPU image's build takes the CPU image's compiled dependencies from the layer cache,
+    and both start from the same cargo seed (docker/cargo-seed/), only while the two build
+    stages agree instruction for instruction up to the dependency build."""
+    cpu, gpu = dependency_layers("Dockerfile"), dependency_layers("Dockerfile.gpu")
+    assert cpu == gpu, "the build stages differ before the dependency build:\n" + "\n".join(
+        f"- {a}\n+ {b}" for a, b in zip(cpu, gpu) if a != b) + f"\n({len(cpu)} and {len(gpu)} lines)"
+    assert "COPY docker/cargo-seed/ target/" in cpu, "the build stage does not start from the cargo seed"
