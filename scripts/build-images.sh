@@ -50,18 +50,20 @@ if ! compgen -G "certs/*.crt" >/dev/null && [ -f "$HOST_CA" ]; then
 fi
 vcs_ref="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 
-# The seed: every dependency's library, build-script output and fingerprint from target/release,
-# not tch-serve's own (the image compiles its sources anyway), nor the test binaries.
+# The seed: every dependency's library, build-script output and fingerprint from target/release
+# that the release binary was linked from (none newer than target/release/tch-serve: the test
+# build's dev-dependencies, compiled later, would change the seed and with it every layer after
+# it), not tch-serve's own (the image compiles its sources anyway), nor the test binaries.
 same_debian() { [ "$(. /etc/os-release 2>/dev/null && echo "${ID:-}-${VERSION_CODENAME:-}")" = debian-bookworm ]; }
 make_seed() {
     local from=target/release dir
     rm -rf "$seed"
     mkdir -p "$seed/deps" "$seed/build" "$seed/.fingerprint" || return 1
     for dir in .fingerprint build; do
-        find "$from/$dir" -mindepth 1 -maxdepth 1 ! -name 'tch-serve-*' -print0 |
+        find "$from/$dir" -mindepth 1 -maxdepth 1 ! -name 'tch-serve-*' ! -newer "$from/tch-serve" -print0 |
             xargs -0 -r cp -al -t "$seed/$dir" || return 1
     done
-    find "$from/deps" -maxdepth 1 -type f ! -name '*tch_serve*' \
+    find "$from/deps" -maxdepth 1 -type f ! -name '*tch_serve*' ! -newer "$from/tch-serve" \
         \( -name 'lib*.rlib' -o -name 'lib*.rmeta' -o -name 'lib*.so' -o -name '*.d' \) -print0 |
         xargs -0 -r cp -l -t "$seed/deps" || return 1
     echo "cargo seed: $(find "$seed/deps" -name '*.rlib' | wc -l) crates from $from ($(du -sh "$seed" | cut -f1))"
@@ -69,8 +71,8 @@ make_seed() {
 if [ "${STAGES_ONLY:-0}" != 1 ] && [ "${CARGO_SEED:-auto}" != 0 ]; then
     if ! same_debian; then
         echo "cargo seed: none (this machine is not Debian bookworm, the build stage's release)"
-    elif [ ! -d target/release/.fingerprint ]; then
-        echo "cargo seed: none (no host build in target/release)"
+    elif [ ! -f target/release/tch-serve ] || [ ! -d target/release/.fingerprint ]; then
+        echo "cargo seed: none (no release build in target/release)"
     elif ! make_seed; then
         rm -rf "$seed"
         echo "cargo seed: none (could not hard-link target/release into $seed)"
