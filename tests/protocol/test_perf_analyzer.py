@@ -39,9 +39,12 @@ def test_perf_analyzer_drives_each_door(door, perf_analyzer, http_url, grpc_url,
         for _, photo, _ in accuracy[:4]
     ]}))
     report = tmp_path / "report.csv"
+    # A fixed count of requests, measured once: the test is about the doors, not about how
+    # steady a shared 2-core machine is (perf_analyzer's windows search for a stable figure and
+    # give up, exit status 2, when the machine is noisy).
     cmd = [str(binary), "-m", PRETRAINED, "-i", door, "-u", http_url if door == "http" else grpc_url,
-           "--input-data", str(data), "--concurrency-range", "2", "--measurement-interval", "2000",
-           "--stability-percentage", "50", "--max-trials", "10", "-f", str(report)]
+           "--input-data", str(data), "--concurrency-range", "2", "--request-count", "40",
+           "-f", str(report)]
     run = subprocess.run(cmd, env=environ, capture_output=True, text=True, timeout=300)
     out = run.stdout + run.stderr
     assert run.returncode == 0, out
