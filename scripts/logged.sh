@@ -19,7 +19,11 @@ status=$?
 took=$(( $(date +%s) - start ))
 # The processor time of COMMAND and everything it waited for (bash's `times`, children's user +
 # system); a Docker build's steps run under the Docker daemon and are not counted.
-cpu=$(times | awk 'END { t = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); t += a[1] * 60 + a[2] } printf "%d min %02d s", t / 60, t % 60 }')
+# `times` runs in this shell (redirected, not in a command substitution's subshell, whose
+# children would be none).
+times >"$log.times"
+cpu=$(awk 'END { t = 0; for (i = 1; i <= 2; i++) { split($i, a, "m"); t += a[1] * 60 + a[2] } printf "%d min %02d s", t / 60, t % 60 }' "$log.times")
+rm -f "$log.times"
 if [ "$status" -eq 0 ]; then
     echo "$name: done in $((took / 60)) min $((took % 60)) s, processor $cpu (log: target/test-logs/prepare/$name.log)"
 else
