@@ -79,7 +79,7 @@ pub struct ServeConfig {
     /// Address to listen on.
     #[arg(long, env = "TCH_SERVE_HOST", default_value = "0.0.0.0")]
     pub host: IpAddr,
-    /// Port to listen on.
+    /// Port to listen on; 0: one the system picks, named in the `listening` log line.
     #[arg(long, env = "TCH_SERVE_PORT", default_value_t = 8000)]
     pub port: u16,
     /// Port of the Open Inference Protocol's gRPC service (inference.GRPCInferenceService and
@@ -296,7 +296,8 @@ pub struct ServeConfig {
     /// With API keys, /metrics needs one too.
     #[arg(long, env = "TCH_SERVE_PROTECT_METRICS")]
     pub protect_metrics: bool,
-    /// Seconds to let in-flight requests finish after SIGTERM/SIGINT before exiting anyway.
+    /// Seconds to let in-flight requests (and loads under way) finish after SIGTERM/SIGINT before
+    /// exiting anyway.
     #[arg(long, env = "TCH_SERVE_SHUTDOWN_TIMEOUT_SECS", default_value_t = 25)]
     pub shutdown_timeout_secs: u64,
     /// Seconds /health reports 503 after SIGTERM before the listener closes, so load balancers stop sending first.

@@ -272,7 +272,9 @@ impl Repository {
     }
 
     /// Finds the models and checks the default model's name; loading is left to
-    /// [`Repository::load`]. Returns the names found.
+    /// [`Repository::load`]. Returns the names found, each wanted from here on (the server
+    /// loads them all): readiness waits for them from the start, not from when each load
+    /// begins.
     pub fn discover_all(&self) -> anyhow::Result<Vec<String>> {
         let found = self.discover().map_err(anyhow::Error::msg)?;
         let names: Vec<String> = found.keys().cloned().collect();
@@ -285,7 +287,10 @@ impl Repository {
             );
         }
         for (name, f) in &found {
-            self.slot_or_new(name).status.lock().unwrap().versions = f
+            let slot = self.slot_or_new(name);
+            let mut s = slot.status.lock().unwrap();
+            s.wanted = true;
+            s.versions = f
                 .versions
                 .keys()
                 .map(|&v| (v, version_status(v, "available", None)))
@@ -677,6 +682,15 @@ impl Repository {
             });
         }
         Ok(self.view(name).expect("the slot exists"))
+    }
+
+    /// Waits until no model is being loaded or unloaded (each one's operation is over), so
+    /// that a load under way at shutdown ends, and is closed with the rest, before the process
+    /// exits: libtorch torn down under a forward pass crashes the exit.
+    pub async fn settle(&self) {
+        for (_, slot) in self.snapshot() {
+            drop(slot.op.lock().await);
+        }
     }
 
     /// Closes every model's queue (shutdown): their workers finish what is queued and end.

@@ -5,9 +5,10 @@
 //! Shutdown, on the one cancellation token: `/health` turns 503 at once; the listener keeps
 //! serving for `--shutdown-delay-secs` (so load balancers stop sending first), then closes; the
 //! connections get until `--shutdown-timeout-secs` after that to finish their requests and are
-//! dropped if they have not; the models' queues close and their workers get what is left of
-//! that time to end. `serve` returns by then in every case; a forward pass that never ends is
-//! left behind on its own thread, and the process exits without it.
+//! dropped if they have not; a model still loading or warming up gets what is left of that
+//! time to finish; the models' queues close and their workers get what is left to end.
+//! `serve` returns by then in every case; a forward pass that never ends is left behind on its
+//! own thread, and the process exits without it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -282,6 +283,12 @@ impl Server {
         if !grpc_drained {
             tracing::warn!("gRPC calls still in flight at the shutdown timeout were dropped");
         }
+        if tokio::time::timeout_at(deadline, state.repository.settle())
+            .await
+            .is_err()
+        {
+            tracing::warn!("a model was still loading at the shutdown timeout; exiting without it");
+        }
         let pipelines = state.repository.close_all();
         let workers = futures_util::future::join_all(pipelines.iter().map(|p| p.wait_exited()));
         if tokio::time::timeout_at(deadline, workers).await.is_err() {
@@ -338,6 +345,8 @@ async fn run_until_stopped(config: ServeConfig) -> anyhow::Result<()> {
     let listener = TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding {addr} (change --port / TCH_SERVE_PORT)"))?;
+    // The address bound: with --port 0, the port the system picked.
+    let addr = listener.local_addr().unwrap_or(addr);
     tracing::info!(%addr, "listening");
     let grpc = match grpc_port {
         0 => None,

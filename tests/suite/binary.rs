@@ -2,42 +2,107 @@
 //! subcommand, SIGTERM, and start-up errors.
 
 use std::io::{BufRead, BufReader};
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
 
 const BIN: &str = env!("CARGO_BIN_EXE_tch-serve");
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+/// The server binary as a child process on a port it picks itself (`--port 0`, read from its
+/// `listening` log line: a port picked here and handed over could be taken by another test's
+/// server in between). It is killed and reaped when dropped, also when a failed assertion
+/// unwinds through the test, so that no test leaves a server running.
+struct ServerProcess {
+    child: Child,
+    /// Log lines from its standard output, read as it writes them (it never blocks on a full
+    /// pipe).
+    lines: mpsc::Receiver<String>,
+    logs: Vec<String>,
+    port: Option<u16>,
 }
 
-fn spawn(port: u16, extra: &[&str]) -> Child {
-    Command::new(BIN)
-        .args([
-            "serve",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            &port.to_string(),
+impl ServerProcess {
+    /// `tch-serve ARGS...` (with `--port 0`, `--grpc-port 0` and `--host 127.0.0.1` ahead of
+    /// ARGS): standard output piped, standard error as given.
+    fn spawn(args: &[&str], stderr: Stdio) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             // Tests run in parallel: no fixed gRPC port.
-            "--grpc-port",
-            "0",
-            "--model-dir",
-        ])
-        .arg(model_dir())
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap()
+            .args(["--grpc-port", "0"])
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .unwrap();
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self {
+            child,
+            lines,
+            logs: Vec::new(),
+            port: None,
+        }
+    }
+
+    /// The port it listens on, once it says so; None when it exits first (or is not listening
+    /// within `limit`).
+    fn port(&mut self, limit: Duration) -> Option<u16> {
+        let deadline = Instant::now() + limit;
+        while self.port.is_none() {
+            let left = deadline.checked_duration_since(Instant::now())?;
+            let line = self.lines.recv_timeout(left).ok()?;
+            self.port = listening_port(&line);
+            self.logs.push(line);
+        }
+        self.port
+    }
+
+    /// Every log line, once it has exited (the pipe closes).
+    fn logs(mut self) -> Vec<String> {
+        self.logs.extend(self.lines.iter());
+        std::mem::take(&mut self.logs)
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        // Err when it has exited and been reaped already: nothing left to stop.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The port of a `listening` log line (text or JSON), as `127.0.0.1:PORT`.
+fn listening_port(line: &str) -> Option<u16> {
+    if !line.contains("listening") || line.contains("gRPC") {
+        return None;
+    }
+    let rest = &line[line.find("127.0.0.1:")? + "127.0.0.1:".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// The server on the exported model, `--model-dir` after `extra`, healthy.
+fn serve(extra: &[&str]) -> (ServerProcess, u16) {
+    let dir = model_dir();
+    let args: Vec<&str> = extra
+        .iter()
+        .copied()
+        .chain(["--model-dir", dir.to_str().unwrap()])
+        .collect();
+    let mut server = ServerProcess::spawn(&args, Stdio::inherit());
+    let port = wait_healthy(&mut server, Duration::from_secs(60));
+    (server, port)
 }
 
 fn get(port: u16, path: &str) -> Option<(u16, serde_json::Value)> {
@@ -83,13 +148,20 @@ fn status_with_key(port: u16, key: &str) -> Option<u16> {
     buf.split(' ').nth(1)?.parse().ok()
 }
 
-fn wait_healthy(port: u16, child: &mut Child, limit: Duration) -> Duration {
+/// Waits for its port, then for /health to answer 200 there; the port.
+fn wait_healthy(server: &mut ServerProcess, limit: Duration) -> u16 {
     let start = Instant::now();
+    let Some(port) = server.port(limit) else {
+        match server.child.try_wait().unwrap() {
+            Some(status) => panic!("server exited during start-up: {status}"),
+            None => panic!("not listening within {limit:?}"),
+        }
+    };
     loop {
         if let Some((200, _)) = get(port, "/health") {
-            return start.elapsed();
+            return port;
         }
-        if let Ok(Some(status)) = child.try_wait() {
+        if let Ok(Some(status)) = server.child.try_wait() {
             panic!("server exited during start-up: {status}");
         }
         assert!(start.elapsed() < limit, "not healthy within {limit:?}");
@@ -118,25 +190,17 @@ fn wait_exit(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
 
 #[test]
 fn starts_healthy_serves_and_exits_cleanly_on_sigterm() {
-    let port = free_port();
-    let mut child = spawn(port, &["--log-format", "json"]);
-    // Drain the log pipe as the server writes, so it never blocks on a full pipe.
-    let stdout = BufReader::new(child.stdout.take().unwrap());
-    let logs = std::thread::spawn(move || {
-        stdout
-            .lines()
-            .map_while(Result::ok)
-            .collect::<Vec<String>>()
-    });
-    let took = wait_healthy(port, &mut child, Duration::from_secs(60));
+    let spawned = Instant::now();
+    let (mut server, port) = serve(&["--log-format", "json"]);
+    let took = spawned.elapsed();
     println!(
         "STARTUP: healthy {:.0} ms after spawn",
         took.as_secs_f64() * 1000.0
     );
     let (_, health) = get(port, "/health").unwrap();
-    assert_eq!(health["model"], "resnet18");
-    assert_eq!(health["device"], "cpu");
-    assert_eq!(health["trained"], false);
+    assert_eq!(health["model"], "resnet18", "{health}");
+    assert_eq!(health["device"], "cpu", "{health}");
+    assert_eq!(health["trained"], false, "{health}");
     let hc = Command::new(BIN)
         .args(["healthcheck", "--port", &port.to_string()])
         .status()
@@ -148,13 +212,12 @@ fn starts_healthy_serves_and_exits_cleanly_on_sigterm() {
     let (status, metrics) = get(port, "/live").unwrap();
     assert_eq!((status, metrics["status"].as_str()), (200, Some("alive")));
 
-    sigterm(&child);
-    let status = wait_exit(&mut child, Duration::from_secs(30));
+    sigterm(&server.child);
+    let status = wait_exit(&mut server.child, Duration::from_secs(30));
     assert!(status.success(), "exit status after SIGTERM: {status}");
     // JSON logs: one object per line, with the startup and shutdown events.
-    let lines: Vec<serde_json::Value> = logs
-        .join()
-        .unwrap()
+    let lines: Vec<serde_json::Value> = server
+        .logs()
         .into_iter()
         .filter(|l| !l.trim().is_empty())
         .map(|l| serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
@@ -177,11 +240,10 @@ fn cuda_requested_without_a_gpu_fails_at_start_up_and_says_why() {
     if tch::Cuda::is_available() {
         return; // on a GPU machine this would start fine
     }
-    let port = free_port();
     let out = Command::new(BIN)
         .args([
             "--port",
-            &port.to_string(),
+            "0",
             "--grpc-port",
             "0",
             "--device",
@@ -206,41 +268,24 @@ fn bf16_is_refused_where_the_cpu_only_emulates_it() {
     let features = tch_serve::config::cpu_features();
     let native = tch_serve::config::native_bf16(features);
     let run = |extra: &[&str]| {
-        let port = free_port();
-        let mut child = Command::new(BIN)
-            .args(["--port", &port.to_string(), "--grpc-port", "0"])
-            .args([
-                "--device",
-                "cpu",
-                "--precision",
-                "bf16",
-                "--warmup-iterations",
-                "0",
-            ])
-            .args(extra)
-            .arg("--model-dir")
-            .arg(model_dir())
-            .stderr(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        // Either it exits (refused), or it serves /live: then it is stopped.
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                let mut err = String::new();
-                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
-                return (Some(status.success()), err);
-            }
-            if matches!(get(port, "/health"), Some((200, _)))
-                || std::time::Instant::now() > deadline
-            {
-                child.kill().unwrap();
-                child.wait().unwrap();
-                return (None, String::new());
-            }
-            std::thread::sleep(Duration::from_millis(100));
+        let dir = model_dir();
+        let args: Vec<&str> = ["--device", "cpu", "--precision", "bf16"]
+            .into_iter()
+            .chain(["--warmup-iterations", "0"])
+            .chain(extra.iter().copied())
+            .chain(["--model-dir", dir.to_str().unwrap()])
+            .collect();
+        let mut server = ServerProcess::spawn(&args, Stdio::piped());
+        // Either it listens and serves /health (then it is stopped as it is dropped), or it
+        // exits (refused).
+        if server.port(Duration::from_secs(60)).is_some() {
+            wait_healthy(&mut server, Duration::from_secs(60));
+            return (None, String::new());
         }
+        let status = wait_exit(&mut server.child, Duration::from_secs(30));
+        let mut err = String::new();
+        std::io::Read::read_to_string(server.child.stderr.as_mut().unwrap(), &mut err).unwrap();
+        (Some(status.success()), err)
     };
     let (exited, stderr) = run(&[]);
     if native {
@@ -297,24 +342,19 @@ fn sighup_rotates_the_api_keys() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("keys");
     std::fs::write(&file, "key-before-rotation\n").unwrap();
-    let port = free_port();
-    let mut child = spawn(
-        port,
-        &[
-            "--api-key-file",
-            file.to_str().unwrap(),
-            "--api-key-file-poll-secs",
-            "0",
-            "--api-key-rotation-grace-secs",
-            "2",
-        ],
-    );
-    wait_healthy(port, &mut child, Duration::from_secs(60));
+    let (mut server, port) = serve(&[
+        "--api-key-file",
+        file.to_str().unwrap(),
+        "--api-key-file-poll-secs",
+        "0",
+        "--api-key-rotation-grace-secs",
+        "2",
+    ]);
     assert_eq!(status_with_key(port, "key-before-rotation"), Some(200));
     assert_eq!(status_with_key(port, "key-after-rotation"), Some(401));
     std::fs::write(&file, "key-after-rotation\n").unwrap();
     let rc = Command::new("kill")
-        .args(["-HUP", &child.id().to_string()])
+        .args(["-HUP", &server.child.id().to_string()])
         .status()
         .unwrap();
     assert!(rc.success());
@@ -326,7 +366,11 @@ fn sighup_rotates_the_api_keys() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(child.try_wait().unwrap(), None, "SIGHUP ended the server");
+    assert_eq!(
+        server.child.try_wait().unwrap(),
+        None,
+        "SIGHUP ended the server"
+    );
     // Within the grace, the old key still works; then it is refused.
     assert_eq!(status_with_key(port, "key-before-rotation"), Some(200));
     while status_with_key(port, "key-before-rotation") != Some(401) {
@@ -337,6 +381,83 @@ fn sighup_rotates_the_api_keys() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert_eq!(status_with_key(port, "key-after-rotation"), Some(200));
-    sigterm(&child);
-    assert!(wait_exit(&mut child, Duration::from_secs(30)).success());
+    sigterm(&server.child);
+    let status = wait_exit(&mut server.child, Duration::from_secs(30));
+    assert!(status.success(), "exit status after SIGTERM: {status}");
+}
+
+/// `--port 0`: the server listens on a port the system picks, and its `listening` log line
+/// names it.
+#[test]
+fn port_zero_listens_on_a_free_port_and_names_it() {
+    let dir = model_dir();
+    let mut server =
+        ServerProcess::spawn(&["--model-dir", dir.to_str().unwrap()], Stdio::inherit());
+    let port = server
+        .port(Duration::from_secs(60))
+        .expect("a listening line");
+    assert_ne!(
+        port, 0,
+        "the listening line names the port bound: {:?}",
+        server.logs
+    );
+    assert_eq!(wait_healthy(&mut server, Duration::from_secs(60)), port);
+}
+
+/// A test that fails while its server runs leaves no server behind: one left running would
+/// hold the test runner's output open, and keep whatever reads it waiting.
+#[test]
+fn a_failed_test_leaves_no_server_running() {
+    let pid = std::sync::Mutex::new(None);
+    let failed = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let (server, _) = serve(&[]);
+        *pid.lock().unwrap() = Some(server.child.id());
+        panic!("a deliberate failure, with the server running (the test checks what it leaves)");
+    }));
+    assert!(failed.is_err());
+    let pid = pid.into_inner().unwrap().expect("the server started");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "server {pid} still running after the test failed"
+    );
+}
+
+/// SIGTERM while the model is still warming up: the server waits for the forward pass under
+/// way (within the shutdown timeout) and exits cleanly, instead of tearing libtorch down under
+/// it (a crash at exit: SIGSEGV, or an abort on a corrupted heap).
+#[test]
+fn sigterm_during_the_warm_up_exits_cleanly() {
+    let dir = model_dir();
+    // A warm-up of a few seconds, so that the signal lands in it.
+    let args = [
+        "--warmup-iterations",
+        "12",
+        "--model-dir",
+        dir.to_str().unwrap(),
+    ];
+    let mut server = ServerProcess::spawn(&args, Stdio::inherit());
+    let port = server
+        .port(Duration::from_secs(60))
+        .expect("a listening line");
+    // Once /health answers, the signal handlers are in place; 503: still starting.
+    let start = Instant::now();
+    while get(port, "/health").is_none() {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "/health never answered"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // The model loads in a fraction of a second; the warm-up takes seconds.
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, health) = get(port, "/health").unwrap();
+    assert_eq!(status, 503, "warmed up before the signal: {health}");
+    sigterm(&server.child);
+    let status = wait_exit(&mut server.child, Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "exit status after SIGTERM in the warm-up: {status}"
+    );
+    let logs = server.logs();
+    assert!(logs.iter().any(|l| l.contains("stopped")), "{logs:?}");
 }

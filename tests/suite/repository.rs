@@ -1055,3 +1055,26 @@ async fn polling_follows_a_version_policy() {
     stop.cancel();
     serving.await.unwrap().unwrap();
 }
+
+/// From the moment the server starts, a model it found counts for readiness: `starting` (503)
+/// until it has loaded, never ready in the moment before its load begins (a readiness probe
+/// there would send traffic to a server with nothing loaded).
+#[tokio::test]
+async fn health_is_starting_from_start_up_not_ready_before_the_load_begins() {
+    let (server, _root) = start_fake(&[], FakeBackend::default());
+    // No await since start: on this single-threaded runtime the load has not begun.
+    assert!(
+        matches!(
+            server.state.readiness(),
+            tch_serve::state::Readiness::Starting(_)
+        ),
+        "{:?}",
+        server.state.readiness()
+    );
+    let mut server = server;
+    server.wait_ready().await.unwrap();
+    assert!(matches!(
+        server.state.readiness(),
+        tch_serve::state::Readiness::Ready
+    ));
+}
