@@ -127,9 +127,15 @@ RUN cargo-stubs >/tmp/stubs.txt \
 # cargo-sbom writes the binary's software bill of materials (the crates it is
 # built from, CycloneDX JSON) into the image: /usr/share/doc/tch-serve/sbom.cdx.json.
 # Optimised less than a release build (opt-level 1): it writes one JSON file, and
-# compiles faster so.
-RUN CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
-    cargo install --locked --quiet --root /opt/cargo-sbom cargo-sbom@0.10.0
+# compiles faster so. A seeded build brings the host's build of the same version
+# (target/tools/cargo-sbom, see docker/cargo-seed/README), taken as it is.
+ARG CARGO_SBOM_VERSION=0.10.0
+RUN if [ "$(target/tools/cargo-sbom --version 2>/dev/null)" = "cargo-sbom ${CARGO_SBOM_VERSION}" ]; then \
+      install -D -m 0755 target/tools/cargo-sbom /opt/cargo-sbom/bin/cargo-sbom; \
+    else \
+      CARGO_PROFILE_RELEASE_OPT_LEVEL=1 \
+        cargo install --locked --quiet --root /opt/cargo-sbom "cargo-sbom@${CARGO_SBOM_VERSION}"; \
+    fi
 
 # The sources. touch: COPY keeps the files' old mtimes, which could look
 # older than the stub build's outputs. Then the ldd check, and a copy of

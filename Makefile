@@ -24,6 +24,11 @@ SBOM := target/release/tch-serve.cdx.json
 CARGO_SBOM := target/tools/bin/cargo-sbom
 CARGO_DENY := target/tools/bin/cargo-deny
 CARGO_FUZZ := target/tools/bin/cargo-fuzz
+# What `make prepare` runs beside the release build's critical path (the cargo tools, the fuzz
+# target, the models, the test clients) runs under this (nice -n 10 there): the release build,
+# which the images and the test binaries wait for, gets the processors first, and the rest the
+# time it leaves. Empty otherwise.
+NICE ?=
 # Cargo takes every core, not make's job slots (`make prepare` runs its lanes side by side with
 # -j): it runs without make's jobserver.
 NO_JOBSERVER := env -u MAKEFLAGS -u MFLAGS
@@ -63,21 +68,21 @@ $(VENV)/.installed: requirements.txt tests/requirements.txt
 
 model: $(MODEL_DIR)/model.pt $(PRETRAINED_DIR)/model.pt $(AOTI_DIR)/model.pt2
 $(MODEL_DIR)/model.pt: models/export.py | $(VENV)/.installed
-	$(PY) models/export.py --arch $(MODEL) --out $(MODEL_DIR) --force
+	$(NICE) $(PY) models/export.py --arch $(MODEL) --out $(MODEL_DIR) --force
 $(PRETRAINED_DIR)/model.pt: models/export.py | $(VENV)/.installed
-	$(PY) models/export.py --arch efficientnet_lite0 --out $(PRETRAINED_DIR) --force
+	$(NICE) $(PY) models/export.py --arch efficientnet_lite0 --out $(PRETRAINED_DIR) --force
 # About 40 s on 2 cores (the C++ compile); the package runs on this torch version's CPU build.
 $(AOTI_DIR)/model.pt2: models/export.py | $(VENV)/.installed
-	$(PY) models/export.py --arch efficientnet_lite0 --format aoti --out $(AOTI_DIR) --force
+	$(NICE) $(PY) models/export.py --arch efficientnet_lite0 --format aoti --out $(AOTI_DIR) --force
 
 # About 75 s on 2 cores (calibration, then the C++ compile).
 $(AOTI_INT8_DIR)/model.pt2: models/export.py | $(VENV)/.installed
-	$(PY) models/export.py --arch efficientnet_lite0 --format aoti --quantize int8 --out $(AOTI_INT8_DIR) --force
+	$(NICE) $(PY) models/export.py --arch efficientnet_lite0 --format aoti --quantize int8 --out $(AOTI_INT8_DIR) --force
 
 test-data: $(TEST_DATA)/reference.json
 $(TEST_DATA)/reference.json: tests/python/reference.py tests/data/accuracy.json models/photos.py \
 		$(MODEL_DIR)/model.pt $(PRETRAINED_DIR)/model.pt $(AOTI_DIR)/model.pt2 $(AOTI_INT8_DIR)/model.pt2
-	$(PY) tests/python/reference.py --model-dir $(MODEL_DIR) --repository models --out $(TEST_DATA)
+	$(NICE) $(PY) tests/python/reference.py --model-dir $(MODEL_DIR) --repository models --out $(TEST_DATA)
 
 ## The release binary and its software bill of materials (CycloneDX JSON, the crates it is
 ## built from: target/release/tch-serve.cdx.json; the images carry the same file).
@@ -91,21 +96,21 @@ $(SBOM): Cargo.toml Cargo.lock $(CARGO_SBOM)
 	$(PY) scripts/check-sbom.py $@.tmp
 	mv $@.tmp $@
 $(CARGO_SBOM):
-	@scripts/logged.sh cargo-sbom $(CARGO_INSTALL) cargo-sbom@0.10.0
+	@scripts/logged.sh cargo-sbom $(NICE) $(CARGO_INSTALL) cargo-sbom@0.10.0
 
 ## The crates the server is built from against deny.toml: licences, bans, sources (cargo-deny,
 ## pinned, built once into target/tools; RustSec's advisories need a source-code host: README.md).
 deny: $(CARGO_DENY)
 	$(CARGO_DENY) check --hide-inclusion-graph licenses bans sources
 $(CARGO_DENY):
-	@scripts/logged.sh cargo-deny $(CARGO_INSTALL) cargo-deny@0.20.2
+	@scripts/logged.sh cargo-deny $(NICE) $(CARGO_INSTALL) cargo-deny@0.20.2
 
 # cargo-fuzz (scripts/fuzz.sh installs it too when missing), and the fuzz target built ahead.
 $(CARGO_FUZZ):
-	@scripts/logged.sh cargo-fuzz $(CARGO_INSTALL) cargo-fuzz@0.13.2
+	@scripts/logged.sh cargo-fuzz $(NICE) $(CARGO_INSTALL) cargo-fuzz@0.13.2
 tools: $(CARGO_DENY) $(CARGO_SBOM) $(CARGO_FUZZ)
 fuzz-build: $(CARGO_FUZZ) build-tools
-	@scripts/logged.sh fuzz-build $(NO_JOBSERVER) FUZZ_BUILD_ONLY=1 scripts/fuzz.sh
+	@scripts/logged.sh fuzz-build $(NICE) $(NO_JOBSERVER) FUZZ_BUILD_ONLY=1 scripts/fuzz.sh
 
 ## Both images (tch-serve:cpu, tch-serve:gpu) built from the checkout as the container tests
 ## build them (scripts/build-images.sh; the Docker engine and base images first).
@@ -118,12 +123,13 @@ images:
 ## binary (started as soon as the venv's libtorch is there), then the test binaries, and the
 ## SBOM; the images (the Docker engine, base images, the stages before the Rust build while the
 ## host compiles, then both images, whose build stage starts from the host's compiled
-## dependencies: docker/cargo-seed/README); the models and test data; the cargo tools and the
-## fuzz target; the Kubernetes and protocol tests' clients.
+## dependencies and cargo-sbom: docker/cargo-seed/README); the models and test data; the cargo
+## tools and the fuzz target; the Kubernetes and protocol tests' clients. The release build, the
+## test binaries and the images run at the normal priority, the rest niced (NICE).
 DEBIAN_PACKAGES := cmake nasm docker.io debootstrap prometheus haproxy nginx
 PREPARED := prepared-build prepared-sbom prepared-images prepared-models prepared-tools prepared-clients
 prepare:
-	@$(MAKE) --no-print-directory -j$(words $(PREPARED) image-stages release-build) $(PREPARED)
+	@$(MAKE) --no-print-directory -j$(words $(PREPARED) image-stages release-build) NICE="nice -n 10" $(PREPARED)
 debian-packages:
 	@scripts/logged.sh debian-packages scripts/debian-packages.sh $(DEBIAN_PACKAGES)
 release-build: debian-packages venv
@@ -135,14 +141,14 @@ prepared-sbom: release-build $(CARGO_SBOM)
 	@scripts/logged.sh sbom $(MAKE) --no-print-directory sbom
 image-stages: debian-packages
 	@scripts/logged.sh image-stages env STAGES_ONLY=1 scripts/build-images.sh
-prepared-images: image-stages release-build
+prepared-images: image-stages release-build $(CARGO_SBOM)
 	@scripts/logged.sh images scripts/build-images.sh
 prepared-models: venv model test-data
 prepared-tools: debian-packages $(CARGO_DENY) $(CARGO_FUZZ)
 	@$(MAKE) --no-print-directory fuzz-build
 prepared-clients: debian-packages venv
-	@scripts/logged.sh k8s-tools scripts/k8s-tools.sh
-	@scripts/logged.sh protocol-venvs scripts/protocol-test.sh --setup-only
+	@scripts/logged.sh k8s-tools $(NICE) scripts/k8s-tools.sh
+	@scripts/logged.sh protocol-venvs $(NICE) scripts/protocol-test.sh --setup-only
 
 ## The whole suite: `make prepare`, then the suites one after another (a failed one does not
 ## stop the others; nothing is left to build by then, so nothing else runs beside the tests):

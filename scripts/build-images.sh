@@ -38,10 +38,10 @@ kinds=("$@")
     { tail -30 "$logs/docker-bases.log" >&2; echo "scripts/docker-bases.sh failed (log: $logs/docker-bases.log)" >&2; exit 1; }
 
 created_ca=""
-seed="docker/cargo-seed/release"
+seed="docker/cargo-seed/release" seed_tools="docker/cargo-seed/tools"
 cleanup() {
     [ -n "$created_ca" ] && rm -f "$created_ca"
-    rm -rf "$seed"
+    rm -rf "$seed" "$seed_tools"
 }
 trap cleanup EXIT
 if ! compgen -G "certs/*.crt" >/dev/null && [ -f "$HOST_CA" ]; then
@@ -53,7 +53,8 @@ vcs_ref="$(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 # The seed: every dependency's library, build-script output and fingerprint from target/release
 # that the release binary was linked from (none newer than target/release/tch-serve: the test
 # build's dev-dependencies, compiled later, would change the seed and with it every layer after
-# it), not tch-serve's own (the image compiles its sources anyway), nor the test binaries.
+# it), not tch-serve's own (the image compiles its sources anyway), nor the test binaries; and
+# the host's cargo-sbom, as docker/cargo-seed/tools/cargo-sbom.
 same_debian() { [ "$(. /etc/os-release 2>/dev/null && echo "${ID:-}-${VERSION_CODENAME:-}")" = debian-bookworm ]; }
 make_seed() {
     local from=target/release dir
@@ -67,6 +68,13 @@ make_seed() {
         \( -name 'lib*.rlib' -o -name 'lib*.rmeta' -o -name 'lib*.so' -o -name '*.d' \) -print0 |
         xargs -0 -r cp -l -t "$seed/deps" || return 1
     echo "cargo seed: $(find "$seed/deps" -name '*.rlib' | wc -l) crates from $from ($(du -sh "$seed" | cut -f1))"
+    # The host's cargo-sbom (make sbom builds it), which the image takes when it is the version
+    # the Dockerfile pins.
+    rm -rf "$seed_tools"
+    if [ -x target/tools/bin/cargo-sbom ]; then
+        mkdir -p "$seed_tools" && cp -l target/tools/bin/cargo-sbom "$seed_tools/" &&
+            echo "cargo seed: $("$seed_tools/cargo-sbom" --version)"
+    fi
 }
 if [ "${STAGES_ONLY:-0}" != 1 ] && [ "${CARGO_SEED:-auto}" != 0 ]; then
     if ! same_debian; then
@@ -74,7 +82,7 @@ if [ "${STAGES_ONLY:-0}" != 1 ] && [ "${CARGO_SEED:-auto}" != 0 ]; then
     elif [ ! -f target/release/tch-serve ] || [ ! -d target/release/.fingerprint ]; then
         echo "cargo seed: none (no release build in target/release)"
     elif ! make_seed; then
-        rm -rf "$seed"
+        rm -rf "$seed" "$seed_tools"
         echo "cargo seed: none (could not hard-link target/release into $seed)"
     fi
 fi
