@@ -42,7 +42,7 @@ CARGO_INSTALL := $(NO_JOBSERVER) CARGO_TARGET_DIR=$(CURDIR)/target/tools/build \
 	CARGO_PROFILE_RELEASE_OPT_LEVEL=1 CARGO_PROFILE_RELEASE_LTO=false \
 	CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16 cargo install --locked --quiet --root target/tools
 
-.PHONY: run setup venv build-tools model test-data build sbom image-sbom images deny tools fuzz-build prepare debian-packages release-build image-stages prepared-build prepared-sbom prepared-images prepared-models prepared-tools prepared-clients test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
+.PHONY: run setup venv build-tools model test-data build sbom image-sbom images deny tools fuzz-build prepare debian-packages release-build image-stages prepared-build prepared-sbom prepared-images prepared-models prepared-tools prepared-fuzz prepared-clients test test-rust test-k8s test-containers test-reliability test-protocol lint bench bench-cuda clean
 
 ## Set up, build and serve the model repository models/ (port $(PORT)): the pretrained
 ## efficientnet_lite0 as an AOTInductor package (efficientnet_lite0_aoti, the default model)
@@ -109,6 +109,11 @@ $(CARGO_DENY):
 $(CARGO_FUZZ):
 	@scripts/logged.sh cargo-fuzz $(NICE) $(CARGO_INSTALL) cargo-fuzz@0.13.2
 tools: $(CARGO_DENY) $(CARGO_SBOM) $(CARGO_FUZZ)
+# The three share target/tools/build, so they compile one after another anyway (cargo's lock on
+# the folder): in the order they are needed, not the lock's. cargo-sbom for the images and the
+# SBOM, cargo-fuzz for the fuzz target, cargo-deny last (the Rust suite's policy check).
+$(CARGO_FUZZ): | $(CARGO_SBOM)
+$(CARGO_DENY): | $(CARGO_FUZZ)
 fuzz-build: $(CARGO_FUZZ) build-tools
 	@scripts/logged.sh fuzz-build $(NICE) $(NO_JOBSERVER) FUZZ_BUILD_ONLY=1 scripts/fuzz.sh
 
@@ -125,11 +130,13 @@ images:
 ## host compiles, then both images, whose build stage starts from the host's compiled
 ## dependencies and cargo-sbom: docker/cargo-seed/README); the models and test data; the cargo
 ## tools and the fuzz target; the Kubernetes and protocol tests' clients. The release build, the
-## test binaries and the images run at the normal priority, the rest niced (NICE).
+## test binaries and the images run at the normal priority, the rest niced (NICE). A lane that
+## fails does not stop the others (--keep-going): the suites that do not need it still run.
 DEBIAN_PACKAGES := cmake nasm docker.io debootstrap prometheus haproxy nginx
 PREPARED := prepared-build prepared-sbom prepared-images prepared-models prepared-tools prepared-clients
 prepare:
-	@$(MAKE) --no-print-directory -j$(words $(PREPARED) image-stages release-build) NICE="nice -n 10" $(PREPARED)
+	@$(MAKE) --no-print-directory --keep-going -j$(words $(PREPARED) image-stages release-build) \
+		NICE="nice -n 10" $(PREPARED)
 debian-packages:
 	@scripts/logged.sh debian-packages scripts/debian-packages.sh $(DEBIAN_PACKAGES)
 release-build: debian-packages venv
@@ -144,7 +151,8 @@ image-stages: debian-packages
 prepared-images: image-stages release-build $(CARGO_SBOM)
 	@scripts/logged.sh images scripts/build-images.sh
 prepared-models: venv model test-data
-prepared-tools: debian-packages $(CARGO_DENY) $(CARGO_FUZZ)
+prepared-tools: prepared-fuzz $(CARGO_DENY)
+prepared-fuzz: debian-packages $(CARGO_FUZZ)
 	@$(MAKE) --no-print-directory fuzz-build
 prepared-clients: debian-packages venv
 	@scripts/logged.sh k8s-tools $(NICE) scripts/k8s-tools.sh

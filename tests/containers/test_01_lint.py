@@ -5,6 +5,7 @@ reads them (CPU, and with the GPU override)."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 import yaml
@@ -99,3 +100,15 @@ def test_images_share_the_dependency_layers():
     assert cpu == gpu, "the build stages differ before the dependency build:\n" + "\n".join(
         f"- {a}\n+ {b}" for a, b in zip(cpu, gpu) if a != b) + f"\n({len(cpu)} and {len(gpu)} lines)"
     assert "COPY docker/cargo-seed/ target/" in cpu, "the build stage does not start from the cargo seed"
+
+
+@pytest.mark.parametrize("dockerfile", DOCKERFILES)
+def test_no_grep_q_at_the_end_of_a_pipe(dockerfile):
+    """Under `SHELL [... "-o", "pipefail" ...]`, `cmd | grep -q x` fails the build at random:
+    grep -q exits at the first match, the command before it dies of SIGPIPE writing the rest,
+    and pipefail reports that (an ldd of the GPU binary lists dozens of libraries)."""
+    text = (ROOT / dockerfile).read_text()
+    if "pipefail" not in text:
+        return
+    found = [line.strip() for line in text.splitlines() if re.search(r"\|\s*grep\s+(-\w*q|--quiet)", line)]
+    assert not found, f"{dockerfile}: grep -q reading a pipe under pipefail:\n" + "\n".join(found)
