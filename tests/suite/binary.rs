@@ -428,10 +428,13 @@ fn a_failed_test_leaves_no_server_running() {
 #[test]
 fn sigterm_during_the_warm_up_exits_cleanly() {
     let dir = model_dir();
-    // A warm-up of a few seconds, so that the signal lands in it.
+    // A warm-up of seconds (about 10 on 2 cores), so that the signal lands in it on a faster
+    // machine too, and a shutdown timeout longer than that.
     let args = [
         "--warmup-iterations",
-        "12",
+        "24",
+        "--shutdown-timeout-secs",
+        "120",
         "--model-dir",
         dir.to_str().unwrap(),
     ];
@@ -453,7 +456,7 @@ fn sigterm_during_the_warm_up_exits_cleanly() {
     let (status, health) = get(port, "/health").unwrap();
     assert_eq!(status, 503, "warmed up before the signal: {health}");
     sigterm(&server.child);
-    let status = wait_exit(&mut server.child, Duration::from_secs(60));
+    let status = wait_exit(&mut server.child, Duration::from_secs(120));
     assert!(
         status.success(),
         "exit status after SIGTERM in the warm-up: {status}"
