@@ -24,14 +24,17 @@ struct ServerProcess {
 }
 
 impl ServerProcess {
-    /// `tch-serve ARGS...` (with `--port 0`, `--grpc-port 0` and `--host 127.0.0.1` ahead of
-    /// ARGS): standard output piped, standard error as given.
+    /// `tch-serve ARGS...` on the exported model (with `--port 0`, `--grpc-port 0` and `--host
+    /// 127.0.0.1` ahead of ARGS, `--model-dir` after): standard output piped, standard error as
+    /// given.
     fn spawn(args: &[&str], stderr: Stdio) -> Self {
         let mut child = Command::new(BIN)
             .args(["serve", "--host", "127.0.0.1", "--port", "0"])
             // Tests run in parallel: no fixed gRPC port.
             .args(["--grpc-port", "0"])
             .args(args)
+            .arg("--model-dir")
+            .arg(model_dir())
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(stderr)
@@ -92,15 +95,9 @@ fn listening_port(line: &str) -> Option<u16> {
     digits.parse().ok()
 }
 
-/// The server on the exported model, `--model-dir` after `extra`, healthy.
+/// The server on the exported model with `extra`, healthy.
 fn serve(extra: &[&str]) -> (ServerProcess, u16) {
-    let dir = model_dir();
-    let args: Vec<&str> = extra
-        .iter()
-        .copied()
-        .chain(["--model-dir", dir.to_str().unwrap()])
-        .collect();
-    let mut server = ServerProcess::spawn(&args, Stdio::inherit());
+    let mut server = ServerProcess::spawn(extra, Stdio::inherit());
     let port = wait_healthy(&mut server, Duration::from_secs(60));
     (server, port)
 }
@@ -268,12 +265,10 @@ fn bf16_is_refused_where_the_cpu_only_emulates_it() {
     let features = tch_serve::config::cpu_features();
     let native = tch_serve::config::native_bf16(features);
     let run = |extra: &[&str]| {
-        let dir = model_dir();
         let args: Vec<&str> = ["--device", "cpu", "--precision", "bf16"]
             .into_iter()
             .chain(["--warmup-iterations", "0"])
             .chain(extra.iter().copied())
-            .chain(["--model-dir", dir.to_str().unwrap()])
             .collect();
         let mut server = ServerProcess::spawn(&args, Stdio::piped());
         // Either it listens and serves /health (then it is stopped as it is dropped), or it
@@ -390,9 +385,7 @@ fn sighup_rotates_the_api_keys() {
 /// names it.
 #[test]
 fn port_zero_listens_on_a_free_port_and_names_it() {
-    let dir = model_dir();
-    let mut server =
-        ServerProcess::spawn(&["--model-dir", dir.to_str().unwrap()], Stdio::inherit());
+    let mut server = ServerProcess::spawn(&[], Stdio::inherit());
     let port = server
         .port(Duration::from_secs(60))
         .expect("a listening line");
@@ -427,7 +420,6 @@ fn a_failed_test_leaves_no_server_running() {
 /// it (a crash at exit: SIGSEGV, or an abort on a corrupted heap).
 #[test]
 fn sigterm_during_the_warm_up_exits_cleanly() {
-    let dir = model_dir();
     // A warm-up of seconds (about 10 on 2 cores), so that the signal lands in it on a faster
     // machine too, and a shutdown timeout longer than that.
     let args = [
@@ -435,8 +427,6 @@ fn sigterm_during_the_warm_up_exits_cleanly() {
         "24",
         "--shutdown-timeout-secs",
         "120",
-        "--model-dir",
-        dir.to_str().unwrap(),
     ];
     let mut server = ServerProcess::spawn(&args, Stdio::inherit());
     let port = server

@@ -1061,20 +1061,13 @@ async fn polling_follows_a_version_policy() {
 /// there would send traffic to a server with nothing loaded).
 #[tokio::test]
 async fn health_is_starting_from_start_up_not_ready_before_the_load_begins() {
-    let (server, _root) = start_fake(&[], FakeBackend::default());
+    use tch_serve::state::Readiness;
+    let (mut server, _root) = start_fake(&[], FakeBackend::default());
     // No await since start: on this single-threaded runtime the load has not begun.
-    assert!(
-        matches!(
-            server.state.readiness(),
-            tch_serve::state::Readiness::Starting(_)
-        ),
-        "{:?}",
-        server.state.readiness()
-    );
-    let mut server = server;
-    server.wait_ready().await.unwrap();
-    assert!(matches!(
+    assert_eq!(
         server.state.readiness(),
-        tch_serve::state::Readiness::Ready
-    ));
+        Readiness::Starting(vec!["fake: loading".into()])
+    );
+    server.wait_ready().await.unwrap();
+    assert_eq!(server.state.readiness(), Readiness::Ready);
 }
